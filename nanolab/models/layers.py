@@ -1,0 +1,83 @@
+"""Small layers shared by the model families: RMSNorm, rotary embedding, attention, the LM loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 and cast back (as OLMo-2 / Llama do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x).to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (non-interleaved halves, as in GPT-NeoX / Llama / OLMo-2 in transformers).
+
+    inv_freq_i = theta^(-2i/d); for position p the pair (x_i, x_{i+d/2}) is rotated by angle p * inv_freq_i.
+    `cos_sin(positions)` takes (B, T) integer positions and returns cos, sin of shape (B, 1, T, d) in float32.
+    """
+
+    def __init__(self, dim: int, max_positions: int, theta: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dimension must be even, got {dim}")
+        self.dim, self.max_positions, self.theta = dim, max_positions, theta
+        cos, sin = self._table(torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim))
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().float().to(device), emb.sin().float().to(device)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) must not round the angle table: rebuild it in float32 on the new device
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = self._table(self.cos.device)
+        return self
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, d); cos/sin: (B, 1, T, d). Rotation done in float32, result in x's dtype."""
+    d = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., d:], xf[..., :d]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+              scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention. q: (B, H, T, d), k: (B, H_kv, S, d), v: (B, H_kv, S, dv).
+
+    Without a mask it is causal over T == S (the training path, flash-eligible); with a cache mask (B, 1, T, S)
+    it attends to the cache's slots. H_kv may divide H (grouped-query attention).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions whose target is not -100, computed in float32. logits (B, T, V)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
