@@ -1,0 +1,187 @@
+"""IntervalSet: both backends against a brute-force model, against each other (same results, same trees),
+error messages, pickling, batch call."""
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanolab.insertion.interval_set import IntervalSet, cpp_available, resolve_backend
+
+BACKENDS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="C++ not built"))]
+needs_cpp = pytest.mark.skipif(not cpp_available(), reason="C++ backend not built")
+
+
+class Model:
+    """Brute force: a plain list of disjoint intervals."""
+
+    def __init__(self):
+        self.items: list[tuple[int, int]] = []
+
+    def find_overlap(self, lo, hi):
+        hits = [iv for iv in self.items if iv[0] <= hi and lo <= iv[1]]
+        return min(hits) if hits else None
+
+    def add_if_free(self, lo, hi):
+        if self.find_overlap(lo, hi) is not None:
+            return False
+        self.items.append((lo, hi))
+        return True
+
+
+def random_ops(s: IntervalSet, m: Model, rng: random.Random, n_ops: int, span: int) -> None:
+    for _ in range(n_ops):
+        lo = rng.randrange(-span, span)
+        hi = lo + rng.randrange(0, 12)
+        op = rng.random()
+        if op < 0.3:
+            assert s.add_if_free(lo, hi) == m.add_if_free(lo, hi)
+        elif op < 0.45:
+            clash = m.find_overlap(lo, hi)
+            if clash is None:
+                s.add(lo, hi)
+                m.items.append((lo, hi))
+            else:
+                with pytest.raises(ValueError, match=rf"overlaps existing interval \[{clash[0]}, {clash[1]}\]"):
+                    s.add(lo, hi)
+        elif op < 0.6:
+            assert s.find_overlap(lo, hi) == m.find_overlap(lo, hi)
+            assert s.overlaps(lo, hi) == (m.find_overlap(lo, hi) is not None)
+        elif op < 0.75 and m.items:
+            iv = rng.choice(m.items)
+            s.remove(*iv)
+            m.items.remove(iv)
+            assert iv not in s
+        elif op < 0.8:
+            if (lo, hi) not in m.items:
+                with pytest.raises(KeyError, match="not in set"):
+                    s.remove(lo, hi)
+        else:
+            k = rng.randrange(0, 30)
+            los = np.array([rng.randrange(-span, span) for _ in range(k)], dtype=np.int64)
+            his = los + np.array([rng.randrange(0, 12) for _ in range(k)], dtype=np.int64)
+            expect = [m.add_if_free(a, b) for a, b in zip(los.tolist(), his.tolist())]
+            assert s.add_many(los, his).tolist() == expect
+        assert len(s) == len(m.items)
+    assert s.to_list() == sorted(m.items) == list(s)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_ops_match_model(backend, seed):
+    rng = random.Random(seed)
+    s, m = IntervalSet(seed=seed, backend=backend), Model()
+    random_ops(s, m, rng, n_ops=600, span=150)
+
+
+@needs_cpp
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-80, 80), st.integers(0, 9)), max_size=80), st.integers(0, 80),
+       st.integers(0, 2**64 - 1))
+def test_add_many_equals_loop_across_backends(pairs, split, seed):
+    """A prefix added one at a time, then the rest as one batch (sorted-insert or rebuild path by size)."""
+    los = np.array([a for a, _ in pairs], dtype=np.int64)
+    his = los + np.array([b for _, b in pairs], dtype=np.int64)
+    loop = IntervalSet(seed=seed, backend="python")
+    expect = [loop.add_if_free(a, b) for a, b in zip(los.tolist(), his.tolist())]
+    for backend in ("python", "cpp"):
+        s = IntervalSet(seed=seed, backend=backend)
+        head = [s.add_if_free(a, b) for a, b in zip(los[:split].tolist(), his[:split].tolist())]
+        assert head + s.add_many(los[split:], his[split:]).tolist() == expect
+        assert s.structure() == loop.structure()
+
+
+@needs_cpp
+def test_backends_build_identical_trees():
+    rng = np.random.default_rng(0)
+    sets = {b: IntervalSet(seed=123, backend=b) for b in ("python", "cpp")}
+    los = rng.integers(0, 40_000, 4000)
+    his = los + rng.integers(0, 10, 4000)
+    for s in sets.values():
+        s.add_many(los[:2000], his[:2000])  # batch into an empty set: sorted rebuild path
+        s.add_many(los[2000:2050], his[2000:2050])  # small batch into a big set: sorted insertion path
+        for lo, hi in zip(los[2050:3000].tolist(), his[2050:3000].tolist()):
+            s.add_if_free(lo, hi)
+        for lo, hi in s.to_list()[::7]:
+            s.remove(lo, hi)
+        s.add_many(los[3000:], his[3000:])
+    py, cpp = sets["python"], sets["cpp"]
+    assert py.structure() == cpp.structure() and py == cpp and hash(py) == hash(cpp)
+    assert py.depth() == cpp.depth() < 4 * np.log2(len(py))  # treap depth ~ 2 ln n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_calls_same_tree_and_order_independence(backend):
+    ivs = [(i * 10, i * 10 + 3) for i in range(200)]
+    a = IntervalSet(ivs, seed=5, backend=backend)
+    b = IntervalSet(ivs, seed=5, backend=backend)
+    assert a.structure() == b.structure()
+    # same set, other seed: equal as sets, different tree
+    c = IntervalSet(ivs, seed=6, backend=backend)
+    assert a == c and a.structure() != c.structure()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors(backend):
+    s = IntervalSet([(1, 5), (10, 12)], backend=backend)
+    with pytest.raises(ValueError, match=r"^interval \[4, 11\] overlaps existing interval \[1, 5\]$"):
+        s.add(4, 11)
+    with pytest.raises(ValueError, match=r"invalid interval \[7, 6\]: hi < lo"):
+        s.add(7, 6)
+    with pytest.raises(ValueError, match=r"hi < lo"):
+        s.add_if_free(7, 6)
+    with pytest.raises(KeyError, match=r"interval \[1, 4\] not in set"):
+        s.remove(1, 4)
+    with pytest.raises(ValueError, match=r"invalid interval \[3, 2\] at index 1: hi < lo"):
+        s.add_many(np.array([20, 3]), np.array([21, 2]))
+    with pytest.raises(ValueError, match=r"same length"):
+        s.add_many(np.array([20, 30]), np.array([21]))
+    with pytest.raises(TypeError, match="integers"):
+        s.add_many(np.array([20.5]), np.array([21.0]))
+    with pytest.raises(TypeError):
+        s.add(1.5, 2)
+    with pytest.raises(TypeError):
+        s.add(2**63, 2**63 + 1)
+    with pytest.raises(ValueError, match=r"overlaps existing interval \[1, 2\]"):
+        IntervalSet([(1, 2), (2, 3)], backend=backend)
+    assert s.to_list() == [(1, 5), (10, 12)]  # failed calls changed nothing
+
+
+def test_backend_selection(monkeypatch):
+    with pytest.raises(ValueError, match="unknown IntervalSet backend 'rust'"):
+        IntervalSet(backend="rust")
+    with pytest.raises(ValueError, match="seed"):
+        IntervalSet(seed=-1)
+    monkeypatch.setenv("NANOLAB_INTERVAL_BACKEND", "python")
+    assert IntervalSet().backend == "python"
+    assert resolve_backend("auto") == ("cpp" if cpp_available() else "python")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pickle_round_trip_keeps_tree_and_generator(backend):
+    rng = np.random.default_rng(1)
+    los = rng.integers(-(2**62), 2**62, 500)
+    s = IntervalSet(seed=9, backend=backend)
+    s.add_many(los, los + 5)
+    t = pickle.loads(pickle.dumps(s))
+    assert t == s and t.backend == s.backend and t.structure() == s.structure() and hash(t) == hash(s)
+    for x in (s, t):
+        x.add_many(np.arange(10) * 10, np.arange(10) * 10 + 2)
+    assert t.structure() == s.structure()
+    empty = pickle.loads(pickle.dumps(IntervalSet(backend=backend)))
+    assert len(empty) == 0 and empty.to_list() == [] and empty.depth() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_extremes_and_contains(backend):
+    lo64, hi64 = -(2**63), 2**63 - 1
+    s = IntervalSet([(lo64, lo64 + 3), (hi64 - 3, hi64), (-1, 0)], backend=backend)
+    assert s.find_overlap(lo64, hi64) == (lo64, lo64 + 3)
+    assert s.add_many(np.array([lo64 + 2, 5, -5], dtype=np.int64), np.array([lo64 + 9, 9, -2], dtype=np.int64)).tolist() \
+        == [False, True, True]
+    assert (hi64 - 3, hi64) in s and (hi64 - 3, hi64 - 1) not in s
+    assert s.to_list() == [(lo64, lo64 + 3), (-5, -2), (-1, 0), (5, 9), (hi64 - 3, hi64)]
+    assert "backend=" in repr(s) and s != IntervalSet(backend=backend)
