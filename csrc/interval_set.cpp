@@ -124,10 +124,7 @@ class Treap {
                               ": hi < lo");
     if (size_ + m >= static_cast<size_t>(INT32_MAX)) throw std::length_error("IntervalSet: too many intervals");
     py::array_t<bool> result(static_cast<py::ssize_t>(m));
-    {
-      py::gil_scoped_release release;
-      add_sorted(lo, hi, m, result.mutable_data());
-    }
+    add_sorted(lo, hi, m, result.mutable_data());  // keeps the GIL: the tree is not safe to share while mutating
     return result;
   }
 
@@ -249,28 +246,36 @@ class Treap {
     int32_t idx;  // position in the batch
   };
 
-  // Stable LSD radix sort by lo, 8 bits per pass; passes where all keys share the digit are skipped
-  // (random placements in [0, 2^40) need 5 of 8). Equal lo keep batch order.
-  static void radix_sort(std::vector<Item>& a) {
-    constexpr uint64_t kSign = 1ULL << 63;  // flip the sign bit: signed order == unsigned order
-    std::vector<std::vector<size_t>> count(8, std::vector<size_t>(257, 0));
-    for (const Item& x : a)
-      for (int d = 0; d < 8; ++d) ++count[d][(((static_cast<uint64_t>(x.lo) ^ kSign) >> (8 * d)) & 255) + 1];
-    std::vector<Item> tmp(a.size());
-    for (int d = 0; d < 8; ++d) {
-      std::vector<size_t>& c = count[d];
-      if (*std::max_element(c.begin(), c.end()) == a.size()) continue;
-      for (int b = 0; b < 256; ++b) c[b + 1] += c[b];
-      for (const Item& x : a) tmp[c[((static_cast<uint64_t>(x.lo) ^ kSign) >> (8 * d)) & 255]++] = x;
-      a.swap(tmp);
+  // Sort by (lo, idx): one bucket pass on the top 12 significant bits of lo - min(lo), then std::sort
+  // inside each (now cache-sized) bucket: ~1.4x faster than one std::sort on a million random
+  // placements (66 vs 94 ms here); still O(m log m) when the keys cluster.
+  static void sort_items(std::vector<Item>& a) {
+    if (a.size() < 4096) {
+      std::sort(a.begin(), a.end(), item_less);
+      return;
     }
+    auto [mn, mx] = std::minmax_element(a.begin(), a.end(), [](const Item& x, const Item& y) { return x.lo < y.lo; });
+    const uint64_t base = static_cast<uint64_t>(mn->lo), range = static_cast<uint64_t>(mx->lo) - base;
+    int shift = 0;
+    while ((range >> shift) >= 4096) ++shift;
+    const size_t nb = static_cast<size_t>(range >> shift) + 1;
+    std::vector<size_t> start(nb + 1, 0);
+    for (const Item& x : a) ++start[((static_cast<uint64_t>(x.lo) - base) >> shift) + 1];
+    for (size_t b = 0; b < nb; ++b) start[b + 1] += start[b];
+    std::vector<Item> out(a.size());
+    std::vector<size_t> next(start.begin(), start.end() - 1);
+    for (const Item& x : a) out[next[(static_cast<uint64_t>(x.lo) - base) >> shift]++] = x;
+    for (size_t b = 0; b < nb; ++b) std::sort(out.begin() + start[b], out.begin() + start[b + 1], item_less);
+    a.swap(out);
   }
 
-  // add_many's work, without the GIL: added[i] says whether batch interval i was added.
+  static bool item_less(const Item& x, const Item& y) { return x.lo < y.lo || (x.lo == y.lo && x.idx < y.idx); }
+
+  // add_many's work: added[i] says whether batch interval i was added.
   void add_sorted(const int64_t* lo, const int64_t* hi, size_t m, bool* added) {
     std::vector<Item> items(m);
     for (size_t i = 0; i < m; ++i) items[i] = {lo[i], hi[i], static_cast<int32_t>(i)};
-    radix_sort(items);
+    sort_items(items);
 
     // 1. Which intervals are free of the current tree: sorted probes, or a linear merge with the in-order
     //    contents when the batch is large enough that rebuilding beats inserting one by one.

@@ -247,9 +247,16 @@ class IntervalSet:
         if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= _MASK64:
             raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
         self.backend = resolve_backend(backend)
-        self._t = _cpp.Treap(int(seed)) if self.backend == "cpp" else _PyTreap(int(seed))
+        self._bind(_cpp.Treap(int(seed)) if self.backend == "cpp" else _PyTreap(int(seed)))
         for lo, hi in intervals or ():
             self.add(lo, hi)
+
+    def _bind(self, treap) -> None:
+        # The one-interval methods below are shadowed per instance by the backend's own: this saves a Python
+        # frame per call (~0.1 us, a quarter of a C++ call on a small set). The class methods document them.
+        self._t = treap
+        self.add, self.add_if_free, self.overlaps = treap.add, treap.add_if_free, treap.overlaps
+        self.find_overlap, self.remove = treap.find_overlap, treap.remove
 
     def add(self, lo: int, hi: int) -> None:
         """Add [lo, hi]; ValueError naming the clashing interval if it overlaps one, or if hi < lo."""
@@ -331,5 +338,5 @@ class IntervalSet:
 
     def __setstate__(self, state: dict) -> None:
         self.backend = state["backend"] if state["backend"] != "cpp" or _cpp is not None else "python"
-        self._t = _cpp.Treap(0) if self.backend == "cpp" else _PyTreap(0)
+        self._bind(_cpp.Treap(0) if self.backend == "cpp" else _PyTreap(0))
         self._t.load(state["los"], state["his"], state["prios"], state["rng"])
