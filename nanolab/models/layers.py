@@ -39,8 +39,9 @@ class Rotary(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float64) / self.dim))
-        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
+        # computed on the CPU in float64 (explicitly, so building under `with torch.device("meta")` works)
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float64, device="cpu") / self.dim))
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float64, device="cpu"), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().float().to(device), emb.sin().float().to(device)
 
