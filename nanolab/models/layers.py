@@ -46,10 +46,10 @@ class Rotary(nn.Module):
         return emb.cos().float().to(device), emb.sin().float().to(device)
 
     def _apply(self, fn, recurse=True):
-        # model.to(bfloat16) must not round the angle table: rebuild it in float32 on the new device
+        # model.to(bfloat16) must not round the angle table, and to_empty() must not leave it uninitialised:
+        # rebuild it in float32 on whatever device the buffers moved to
         super()._apply(fn, recurse)
-        if self.cos.dtype != torch.float32:
-            self.cos, self.sin = self._table(self.cos.device)
+        self.cos, self.sin = self._table(self.cos.device)
         return self
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
