@@ -219,6 +219,8 @@ def test_batch_iterator_resume_and_build_end_to_end(tmp_path):
     it2 = InsertionBatchIterator(d, batch_size=2, rank=1, world_size=2)
     it2.load_state_dict(state)
     assert torch.equal(next(it2)[0], next(it)[0])
+    with pytest.raises(ValueError, match="not a state_dict"):
+        it2.load_state_dict({"rng": {}, "batches": 3})  # e.g. a data.BatchIterator state
     acc = InsertionBatchIterator(d, batch_size=1, gradient_accumulation_steps=2, rank=0, world_size=2)
     assert torch.equal(torch.cat([next(acc)[0], next(acc)[0]]), d.get_batch(0)[0][:2])
     with pytest.raises(ValueError, match="batch_size 3 x world_size 2 x gradient_accumulation_steps 1 = 6"):

@@ -148,6 +148,9 @@ class InsertionBatchIterator:
                 "world_size": self.world_size}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
+        if d.get("kind") != "insertion" or "batches" not in d:
+            raise ValueError("InsertionBatchIterator.load_state_dict: not a state_dict() of this iterator "
+                             f"(keys {sorted(d)})")
         step, micro = divmod(int(d["batches"]), int(d.get("gradient_accumulation_steps", 1)))
         if micro and int(d.get("gradient_accumulation_steps", 1)) != self.accum:
             raise ValueError(f"cannot resume mid-step (micro-batch {micro}) with another gradient_accumulation_steps")

@@ -59,7 +59,7 @@ def resolve_backend(backend: str | None = None) -> str:
 
 def _ints(lo: int, hi: int) -> tuple[int, int]:
     """Validated (lo, hi) as Python ints: TypeError unless integers fitting int64, ValueError if hi < lo."""
-    if type(lo) is not int or type(hi) is not int:  # noqa: E721 - fast path for plain ints
+    if type(lo) is not int or type(hi) is not int:  # fast path for plain ints
         lo, hi = operator.index(lo), operator.index(hi)  # numpy ints ok, floats raise TypeError
     if hi < lo:
         raise ValueError(f"invalid interval [{lo}, {hi}]: hi < lo")
