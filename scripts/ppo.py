@@ -1,0 +1,574 @@
+"""Actor-critic PPO on grpo_char.py's task: a tiny GPT learns tiny Shakespeare from a dense per-character reward.
+
+    python scripts/ppo.py                                         # CPU, a few minutes, reward rises
+    python scripts/ppo.py --critic separate                       # a second small GPT as the critic
+    python scripts/ppo.py --reference random --kl_estimator k3    # KL to the initial policy, Schulman's k3
+    python scripts/ppo.py --init_from out/train --lr 1e-4         # RL after a supervised warm-up (train.py)
+    torchrun --standalone --nproc_per_node=2 scripts/ppo.py       # DDP: each rank samples its own positions
+    python scripts/ppo.py --out_dir out/ppo --resume              # continue from out_dir/latest
+
+The task is exactly grpo_char.py's, so the two compare at equal characters seen: prompts are prompt_len real
+characters text[i : i+P] at random training positions, the policy writes horizon H characters, and character t
+earns r_t = 1[gen_t == text[i+P+t]] (--reward_mode 01) or +-1 (pm1), plus --partial_logprob alpha * log pi(gen_t).
+One rollout per prompt (no groups): the critic supplies the baseline. One iteration, per rank:
+  1. sample batch_size continuations (KV-cache sampler, temperature 1);
+  2. one no-grad forward of prompt + completion gives log pi_old(gen_t), the values V(s_t) (s_t = prompt and
+     gen_<t, the state in which gen_t is chosen) and the reference's log-probs; the reference is the smoothed
+     bigram of the training split (--reference bigram) or a frozen copy of the initial policy (random);
+  3. KL-penalised rewards r'_t = r_t - beta * KL_t with KL_t = k1 = log pi_old - log ref, or k3 (--kl_estimator),
+     beta rising linearly from 0 to --beta_kl over --kl_warmup_tokens characters seen (as grpo_char.py);
+  4. GAE(gamma, lambda) over the H steps (the episode ends after H characters: no bootstrap):
+        delta_t = r'_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lambda A_{t+1},  returns R_t = A_t + V_t
+     then A is whitened over the batch (--no_norm_adv to keep it raw);
+  5. --ppo_epochs passes in --num_minibatches shuffled minibatches of rows, each an optimizer step on
+        L = clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy   (nanolab.losses)
+     and the explained variance 1 - Var(R - V) / Var(R) of the rollout's values is logged.
+
+Critic (--critic): "shared" puts a Linear(n_embd, 1) value head on the policy's final hidden state (read with a
+forward hook on model.ln_f, so the model API is untouched; value gradients also train the trunk); "separate" is
+a second GPT of the same shape (or --critic_n_layer / --critic_n_embd) with its own value head.
+
+"characters seen" = generated characters = batch_size x horizon x world_size per iteration (the default
+batch_size 128 matches grpo_char.py's 32 prompts x 4 rollouts). Held-out validation cross-entropy (nats/char) is
+teacher-forced on the same fixed val windows as grpo_char.py. Checkpoints: the policy (a plain nanolab model, usable
+by --init_from elsewhere) and the optimizer go to out_dir/step<N>/, the value head (+ critic GPT) to
+out_dir/critic/step<N>/ (written first, so a policy checkpoint always has its critic); metrics to
+out_dir/metrics.jsonl; --resume restores everything (rollout and shuffle seeds are functions of
+(seed, rank, iteration)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
+
+from nanolab import dist  # noqa: E402
+from nanolab.checkpoint import (  # noqa: E402
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    step_dir_name,
+    step_dirs,
+)
+from nanolab.data import BatchIterator, load_tokens, prepare_shakespeare  # noqa: E402
+from nanolab.losses import (  # noqa: E402
+    categorical_kl,
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    masked_var,
+    ppo_policy_loss,
+    ppo_value_loss,
+    token_entropy,
+    token_logprobs,
+    whiten,
+)
+from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
+from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
+from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards  # noqa: E402
+from nanolab.sampler import generate  # noqa: E402
+from nanolab.tracking import Tracker  # noqa: E402
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("rollouts and reward (as grpo_char.py)").add_argument
+    a("--horizon", type=int, default=70, help="characters generated per rollout (default: 70)")
+    a("--prompt_len", type=int, default=1, help="real characters of context before each rollout (default: 1)")
+    a("--batch_size", type=int, default=128, help="rollouts (text positions) per iteration per rank (default: 128)")
+    a("--reward_mode", choices=REWARD_MODES, default="01",
+      help="01: reward 1 for each character equal to the true one, else 0; pm1: +1 / -1 (default: 01)")
+    a("--partial_logprob", type=float, default=0.0,
+      help="alpha: add alpha * log pi_old(sampled char) to each step's reward (default: 0)")
+    a("--reference", choices=["bigram", "random"], default="bigram",
+      help="KL reference: smoothed bigram of the training split, or a frozen copy of the initial policy")
+    a("--bigram_smoothing", type=float, default=1.0, help="additive smoothing of the bigram counts (default: 1)")
+    a("--beta_kl", type=float, default=1e-3, help="final KL penalty coefficient in the reward (default: 1e-3)")
+    a("--kl_estimator", choices=["k1", "k3"], default="k1",
+      help="per-token KL in the reward: k1 = log pi - log ref, or k3 = (r - 1) - log r (default: k1)")
+    a("--kl_warmup_tokens", type=int, default=200_000,
+      help="characters seen over which the KL coefficient rises linearly from 0 to beta_kl (default: 200000)")
+    a = p.add_argument_group("PPO").add_argument
+    a("--gamma", type=float, default=0.9, help="discount (default: 0.9)")
+    a("--lam", type=float, default=0.95, help="GAE lambda (default: 0.95)")
+    a("--ppo_epochs", type=int, default=2, help="passes over each batch of rollouts (default: 2)")
+    a("--num_minibatches", type=int, default=4, help="optimizer steps per pass (default: 4)")
+    a("--clip_eps", type=float, default=0.2, help="policy ratio clip epsilon (default: 0.2)")
+    a("--clip_eps_high", type=float, default=None, help="upper ratio clip epsilon (default: clip_eps)")
+    a("--vf_clip", type=float, default=0.2, help="value clip around the rollout's values; 0: off (default: 0.2)")
+    a("--vf_coef", type=float, default=0.5, help="value loss coefficient (default: 0.5)")
+    a("--ent_coef", type=float, default=0.0, help="entropy bonus coefficient (default: 0)")
+    a("--no_norm_adv", dest="norm_adv", action="store_false", help="do not whiten the advantages")
+    a("--critic", choices=["shared", "separate"], default="shared",
+      help="value head on the policy's trunk, or a separate small GPT (default: shared)")
+    a("--critic_n_layer", type=int, default=None, help="separate critic: layers (default: the policy's)")
+    a("--critic_n_embd", type=int, default=None, help="separate critic: width (default: the policy's)")
+    a("--critic_n_head", type=int, default=None, help="separate critic: heads (default: the policy's)")
+    a = p.add_argument_group("model").add_argument
+    a("--init_from", default="scratch", help="'scratch' or a train.py checkpoint / run folder (default: scratch)")
+    a("--model", choices=sorted(FAMILIES), default="gpt2", help="model family (default: gpt2)")
+    a("--preset", default=None, choices=sorted(PRESETS), help="model preset (default: <model>-char-tiny, 4x128)")
+    a("--n_layer", type=int, default=None, help="override the preset's layers")
+    a("--n_head", type=int, default=None, help="override the preset's heads")
+    a("--n_embd", type=int, default=None, help="override the preset's width")
+    a("--block_size", type=int, default=None,
+      help="context (default: the preset's if >= prompt_len + horizon, else that rounded up to 64)")
+    a("--dropout", type=float, default=0.0, help="dropout (default: 0)")
+    a = p.add_argument_group("optimizer").add_argument
+    a("--iters", type=int, default=150, help="iterations (rollouts + updates) in total (default: 150)")
+    a("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    a("--min_lr", type=float, default=None, help="learning rate at the end of the cosine decay (default: lr/10)")
+    a("--warmup_iters", type=int, default=10, help="linear learning-rate warmup, in iterations (default: 10)")
+    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm; 0: off (default: 1)")
+    a = p.add_argument_group("logging and checkpoints").add_argument
+    a("--out_dir", default="out/ppo", help="run folder (default: out/ppo)")
+    a("--log_interval", type=int, default=10, help="metrics row every N iterations (default: 10)")
+    a("--eval_interval", type=int, default=50, help="val CE + sample every N iterations; 0: only first/last")
+    a("--val_windows", type=int, default=256, help="fixed val windows for the CE (default: 256)")
+    a("--checkpoint_interval", type=int, default=None,
+      help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
+    a("--keep_last", type=int, default=2, help="keep the K most recent checkpoints (default: 2)")
+    a("--resume", action="store_true", help="continue from out_dir/latest (fresh if there is none)")
+    a("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without account)")
+    a("--wandb_project", default="nanolab", help="wandb project")
+    a("--data_dir", default=None, help="data root (default: $NANOLAB_DATA_DIR, else the repo's data/)")
+    a = p.add_argument_group("system").add_argument
+    a("--seed", type=int, default=1337, help="seed of init, positions, rollouts and shuffles (default: 1337)")
+    a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+      help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
+    a("--compile", action="store_true", help="torch.compile the actor-critic for the update")
+    args = p.parse_args(argv)
+    for name in ("horizon", "prompt_len", "batch_size", "ppo_epochs", "num_minibatches", "log_interval",
+                 "val_windows"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("iters", "eval_interval", "warmup_iters", "kl_warmup_tokens"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("gamma", "lam"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    if args.batch_size % args.num_minibatches:
+        p.error(f"--num_minibatches {args.num_minibatches} must divide --batch_size {args.batch_size}")
+    if args.vf_clip < 0 or args.vf_coef < 0 or args.ent_coef < 0 or args.beta_kl < 0:
+        p.error("--vf_clip, --vf_coef, --ent_coef and --beta_kl must be >= 0")
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if args.checkpoint_interval is None:
+        args.checkpoint_interval = args.eval_interval
+    return args
+
+
+# ----------------------------------------------------------------------------- the pieces (tested directly)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """1 - Var(R - V) / Var(R) over the active tokens (population variances): 1 = perfect value function,
+    0 = no better than a constant, < 0 = worse. nan when the returns have no variance. values, returns (B, T)."""
+    m = torch.ones_like(returns, dtype=torch.bool) if mask is None else mask.bool()
+    returns, values = (t if t.dtype == torch.float64 else t.float() for t in (returns, values))
+    var_r = masked_var(returns, m, unbiased=False)
+    if not float(var_r) > 0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, m, unbiased=False) / var_r)
+
+
+def kl_coef_at(chars_seen: int, beta_kl: float, warmup_chars: int) -> float:
+    """Linear KL warm-up: beta = beta_kl * min(1, chars_seen / warmup_chars) (beta_kl at once if warmup is 0)."""
+    return beta_kl if warmup_chars <= 0 else beta_kl * min(1.0, chars_seen / warmup_chars)
+
+
+def rollout_seed(seed: int, rank: int, step: int) -> int:
+    """A seed per (seed, rank, iteration), so a resumed run samples and shuffles exactly as the uninterrupted one."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def val_windows(val_data, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n fixed, evenly spaced windows of the val split (as grpo_char.py): x = val[s : s+L], y = val[s+1 : s+L+1]."""
+    if len(val_data) < length + 2:
+        raise ValueError(f"val split has {len(val_data)} tokens, too few for windows of {length}")
+    starts = np.linspace(0, len(val_data) - length - 1, n).astype(np.int64)
+    rows = np.asarray(val_data[starts[:, None] + np.arange(length + 1)], dtype=np.int64)
+    return torch.from_numpy(rows[:, :-1]).contiguous(), torch.from_numpy(rows[:, 1:]).contiguous()
+
+
+class ValueFunction(nn.Module):
+    """V(s_t) = w . h_t + b, h_t the final hidden state (the output of `trunk.ln_f`) of the policy (shared) or of a
+    separate critic GPT. The hidden state is read with a forward hook, so the models need no API change.
+    Initialised to V = 0 everywhere (zero weights) so early value errors do not disturb a shared trunk."""
+
+    def __init__(self, n_embd: int, trunk: nn.Module | None = None):
+        super().__init__()
+        self.trunk = trunk  # None: the hook sits on the policy (see ActorCritic)
+        self.head = nn.Linear(n_embd, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+
+class ActorCritic(nn.Module):
+    """forward(idx (B, T)) -> (policy logits (B, T, V), values (B, T)) in one call (one DDP forward)."""
+
+    def __init__(self, policy: nn.Module, value: ValueFunction):
+        super().__init__()
+        self.policy, self.value = policy, value
+        self._capture, self._hidden = False, None
+        trunk = value.trunk if value.trunk is not None else policy
+        trunk.ln_f.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        if self._capture:  # only inside our forward: sampling with the policy alone stores nothing
+            self._hidden = output
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._capture = True
+        try:
+            logits = self.policy(idx)[0]
+            if self.value.trunk is not None:
+                self.value.trunk(idx)
+            hidden, self._hidden = self._hidden, None
+        finally:
+            self._capture = False
+        return logits, self.value.head(hidden).squeeze(-1)
+
+
+def default_block_size(preset_block: int, needed: int) -> int:
+    return preset_block if preset_block >= needed else -(-needed // 64) * 64
+
+
+def initial_policy(args, vocab_size: int, tokenizer, config: dict | None = None) -> nn.Module:
+    """The policy at iteration 0 (seeded, so the 'random' reference can be rebuilt exactly on resume)."""
+    torch.manual_seed(args.seed)
+    needed = args.prompt_len + args.horizon
+    if args.init_from != "scratch":
+        state = read_state(args.init_from)  # clear error when it is not a checkpoint
+        if state.get("tokenizer") and state["tokenizer"] != tokenizer.to_dict():
+            raise ValueError(f"--init_from {args.init_from}: its tokenizer is not the tiny-Shakespeare char one")
+        cfg = config_from_dict({**state["model_config"], "dropout": args.dropout})
+        if cfg.block_size < needed:
+            raise ValueError(f"--init_from {args.init_from}: block_size {cfg.block_size} < prompt_len + horizon = "
+                             f"{needed}; shorten the horizon or warm up with train.py --block_size {needed}")
+        model = build_model(cfg)
+        load_checkpoint(state["path"], model)
+        return model
+    if config is not None:
+        return build_model(config)
+    name = args.preset or f"{args.model}-char-tiny"
+    dims = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
+    base = preset(name, vocab_size=vocab_size, dropout=args.dropout, **dims)
+    block = args.block_size or default_block_size(base.block_size, needed)
+    if block < needed:
+        raise ValueError(f"--block_size {block} < prompt_len + horizon = {needed}")
+    return build_model(base.replace(block_size=block))
+
+
+def make_value_function(args, policy_cfg, critic_config: dict | None = None) -> ValueFunction:
+    """Shared: a head on the policy's width. Separate: a fresh GPT (the policy's config, or --critic_* dims, or
+    the saved critic_config on resume; seeded with seed + 1) plus its head."""
+    torch.manual_seed(args.seed + 1)
+    if args.critic == "shared":
+        return ValueFunction(policy_cfg.n_embd)
+    if critic_config is not None:
+        cfg = config_from_dict(critic_config)
+    else:
+        dims = {k: getattr(args, f"critic_{k}") for k in ("n_layer", "n_embd", "n_head")
+                if getattr(args, f"critic_{k}")}
+        cfg = policy_cfg.replace(dropout=0.0, **dims)
+    return ValueFunction(cfg.n_embd, build_model(cfg))
+
+
+class Diverged(RuntimeError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def run(args) -> int:
+    rank, _, world_size, device = dist.setup_distributed(args.device)
+    ddp, main_proc = world_size > 1, rank == 0
+    out_dir = Path(args.out_dir)
+    critic_dir = out_dir / "critic"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    P, H, B = args.prompt_len, args.horizon, args.batch_size
+
+    # --- data ---
+    if main_proc:
+        info = prepare_shakespeare("char", args.data_dir)
+    dist.barrier()
+    if not main_proc:
+        info = prepare_shakespeare("char", args.data_dir)
+    tokenizer = info["tokenizer"]
+    train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
+    V = tokenizer.vocab_size
+
+    # --- policy, critic, reference, optimizer ---
+    resume_from = latest_checkpoint(out_dir) if args.resume else None
+    if not args.resume and step_dirs(out_dir):
+        raise ValueError(f"{out_dir} already holds checkpoints; pass --resume to continue that run, "
+                         "or choose another --out_dir")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    critic_state = None
+    if resume_from is not None:
+        saved = read_state(resume_from)
+        policy = build_model(saved["model_config"])
+        critic_path = critic_dir / step_dir_name(saved["step"])
+        critic_state = read_state(critic_path)  # raises if the critic of this step is missing
+        if critic_state.get("critic") != args.critic:
+            raise ValueError(f"{critic_path}: saved with --critic {critic_state.get('critic')}, not {args.critic}")
+    else:
+        policy = initial_policy(args, V, tokenizer)
+    cfg = policy.config
+    if cfg.vocab_size != V:
+        raise ValueError(f"model vocab_size {cfg.vocab_size} != the char tokenizer's {V}")
+    if cfg.block_size < P + H:
+        raise ValueError(f"model block_size {cfg.block_size} < prompt_len + horizon = {P + H}")
+    value = make_value_function(args, cfg, critic_state.get("critic_config") if critic_state else None)
+    ac = ActorCritic(policy, value).to(device)
+    if args.reference == "bigram":
+        reference = BigramLM(bigram_log_probs(np.asarray(train_data), V, args.bigram_smoothing)).to(device)
+    else:  # a frozen copy of the initial policy (rebuilt from the same seed / checkpoint when resuming)
+        reference = (copy.deepcopy(policy) if resume_from is None
+                     else initial_policy(args, V, tokenizer, config=cfg.to_dict()))
+        reference.to(device).eval().requires_grad_(False)
+    optimizer = build_adamw(ac, args.lr, args.weight_decay, (0.9, 0.99), device.type)
+    positions = BatchIterator(train_data, B, P + H, args.seed, rank, world_size, "cpu")
+    torch.manual_seed(args.seed + rank)
+
+    step, chars_seen, summary = 0, 0, {}
+    if resume_from is not None:
+        load_checkpoint(critic_state["path"], value)
+        saved = load_checkpoint(resume_from, policy, optimizer, map_location=device)
+        step, chars_seen, summary = saved["step"], saved["chars_seen"], saved.get("summary", {})
+        if saved["world_size"] != world_size or saved["args"]["batch_size"] != B:
+            print(f"warning: resuming with world_size={world_size}, batch_size={B}, the checkpoint used "
+                  f"{saved['world_size']}, {saved['args']['batch_size']}: the position stream continues but "
+                  "will not match the uninterrupted run", file=sys.stderr)
+        positions.load_state_dict(saved["data"])
+        rngs = saved.get("rng") or []
+        if len(rngs) == world_size:
+            set_rng_state(rngs[rank])
+        if main_proc:
+            print(f"resuming from {resume_from} at iteration {step} ({chars_seen:,} characters seen)")
+    elif args.resume and main_proc:
+        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+    start_step = step
+
+    model = torch.compile(ac) if args.compile else ac
+    # a separate critic's lm_head gets no gradient (its logits are unused): DDP must be told
+    train_model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=args.critic == "separate") if ddp else model
+
+    chars_per_iter = B * H * world_size
+    val_x, val_y = val_windows(val_data, args.val_windows, P + H)
+    val_x, val_y = val_x.to(device), val_y.to(device)
+    tracker = Tracker(out_dir, total=args.iters, initial=start_step, enabled=main_proc, use_wandb=args.wandb,
+                      project=args.wandb_project, config=vars(args))
+    n_critic = sum(p.numel() for p in value.parameters())
+    tracker.print(f"{cfg.family} {cfg.n_layer}x{cfg.n_embd}: {policy.num_params() / 1e6:.2f}M policy + "
+                  f"{n_critic / 1e6:.3f}M {args.critic} critic parameters, {world_size} x {device}, {args.dtype}; "
+                  f"{B * world_size} rollouts x {H} chars = {chars_per_iter:,} chars/iter, {args.ppo_epochs} x "
+                  f"{args.num_minibatches} minibatches; reference {args.reference}; "
+                  f"iterations {start_step} -> {args.iters}")
+
+    @torch.no_grad()
+    def val_ce() -> float:
+        """Teacher-forced cross-entropy (nats/char) on the fixed val windows (same on every rank)."""
+        policy.eval()
+        total = 0.0
+        for i in range(0, len(val_x), 64):
+            with autocast:
+                _, loss = policy(val_x[i:i + 64], val_y[i:i + 64])
+            total += float(loss) * len(val_x[i:i + 64])
+        policy.train()
+        return total / len(val_x)
+
+    def sample_text() -> str:
+        """One rollout from the first val window's prompt (fixed seed), next to the true continuation."""
+        prompt = val_x[:1, :P].cpu()
+        with autocast:
+            gen = generate(policy, prompt, H, temperature=1.0, seed=args.seed)
+        truth = tokenizer.decode(torch.cat([val_x[0, P:], val_y[0, -1:]]).tolist()[:H])
+        return (f"  prompt {tokenizer.decode(prompt[0].tolist())!r}\n  truth  {truth!r}\n"
+                f"  sample {tokenizer.decode(gen.tokens[0].tolist())!r}")
+
+    names = ["reward", "reward_shaped", "kl", "kl_est", "entropy", "pg_loss", "vf_loss", "clip_frac",
+             "vf_clip_frac", "approx_kl", "value_mean", "return_mean"]
+    acc = torch.zeros(len(names), device=device)
+    bad = torch.zeros((), device=device)
+    n_acc, t_train, n_train = 0, 0.0, 0
+    evs: list[float] = []  # explained variance per iteration (nan when the returns have no variance)
+    t_last = time.perf_counter()
+
+    def evaluate_and_save(at_end: bool) -> None:
+        nonlocal t_last
+        row = {"step": step, "chars_seen": chars_seen, "val_ce": val_ce()}
+        summary.setdefault("val_ce_first", row["val_ce"])
+        summary["val_ce_last"] = row["val_ce"]
+        tracker.log(row)
+        tracker.print(f"iter {step}: val CE {row['val_ce']:.4f} nats/char, {chars_seen:,} chars seen")
+        if main_proc:
+            tracker.print(sample_text())
+        if args.checkpoint_interval != 0 and step > start_step and (at_end or step % args.checkpoint_interval == 0):
+            rngs = dist.all_gather_object(rng_state())
+            if main_proc:  # the critic first: a policy checkpoint (the `latest` one) always has its critic
+                critic_cfg = value.trunk.config.to_dict() if value.trunk is not None else None
+                save_checkpoint(critic_dir, step, value, None, {"critic": args.critic, "critic_config": critic_cfg},
+                                args.keep_last)
+                state = {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),
+                         "rng": rngs, "world_size": world_size, "chars_seen": chars_seen, "summary": summary}
+                path = save_checkpoint(out_dir, step, policy, optimizer, state, args.keep_last)
+                tracker.print(f"saved {path} (+ critic)")
+        t_last = time.perf_counter()  # eval / save time is not training time
+
+    try:
+        while True:
+            at_end = step >= args.iters
+            if (step == start_step and start_step == 0) or at_end or (
+                    step > start_step and args.eval_interval > 0 and step % args.eval_interval == 0):
+                evaluate_and_save(at_end)
+            if at_end:
+                break
+            lr = lr_at(step, args.lr, args.min_lr, args.warmup_iters, args.iters)
+            set_lr(optimizer, lr)
+
+            # --- 1. rollouts ---
+            x, _ = next(positions)  # (B, P + H) real text
+            prompts = x[:, :P]
+            with autocast:
+                gen = generate(policy, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, rank, step))
+            tokens, mask = gen.tokens, gen.mask  # (B, H); no stop tokens, so mask is all True
+            target = x[:, P:].to(device)
+            inp = torch.cat([prompts.to(device), tokens], 1)[:, :-1]  # (B, P + H - 1): predicts every gen char
+
+            # --- 2. pi_old, V, reference: one no-grad forward ---
+            with torch.no_grad(), autocast:
+                logits, values = ac(inp)
+                logits, values = logits[:, P - 1:], values[:, P - 1:].float()  # (B, H, V), (B, H)
+                ref_logits = reference(inp[:, P - 1:]) if args.reference == "bigram" else reference(inp)[0][:, P - 1:]
+            logp_old = token_logprobs(logits, tokens)
+            logp_ref = token_logprobs(ref_logits, tokens)
+            kl_exact = masked_mean(categorical_kl(logits, ref_logits), mask)  # logged as grpo_char.py's "kl"
+            entropy = masked_mean(token_entropy(logits), mask)
+
+            # --- 3-4. KL-penalised rewards, GAE ---
+            match = char_match_rewards(tokens, target, args.reward_mode)
+            rewards = match + args.partial_logprob * logp_old if args.partial_logprob else match
+            beta = kl_coef_at(chars_seen, args.beta_kl, args.kl_warmup_tokens)
+            shaped, kl_est = kl_penalized_rewards(rewards, logp_old, logp_ref, mask, beta, args.kl_estimator)
+            adv, returns = gae(shaped, values, mask, args.gamma, args.lam)
+            ev = explained_variance(values, returns, mask)
+            if args.norm_adv:
+                adv = whiten(adv, mask)
+
+            # --- 5. ppo_epochs x num_minibatches optimizer steps ---
+            shuffle = torch.Generator().manual_seed(rollout_seed(args.seed + 1, rank, step))
+            mb_size = B // args.num_minibatches
+            stat = torch.zeros(5, device=device)
+            for _ in range(args.ppo_epochs):
+                order = torch.randperm(B, generator=shuffle).to(device)
+                for mb in range(args.num_minibatches):
+                    rows = order[mb * mb_size:(mb + 1) * mb_size]
+                    with autocast:
+                        new_logits, new_values = train_model(inp[rows])
+                    new_logits, new_values = new_logits[:, P - 1:], new_values[:, P - 1:].float()
+                    m = mask[rows]
+                    logp = token_logprobs(new_logits, tokens[rows])
+                    pg_loss, pstats = ppo_policy_loss(logp, logp_old[rows], adv[rows], m, args.clip_eps,
+                                                      args.clip_eps_high)
+                    vf_loss, vstats = ppo_value_loss(new_values, values[rows], returns[rows], m,
+                                                     args.vf_clip if args.vf_clip > 0 else None)
+                    loss = pg_loss + args.vf_coef * vf_loss
+                    if args.ent_coef > 0:
+                        loss = loss - args.ent_coef * masked_mean(token_entropy(new_logits), m)
+                    loss.backward()
+                    if args.grad_clip > 0:
+                        norm = torch.nn.utils.clip_grad_norm_(ac.parameters(), args.grad_clip)
+                        bad.add_((~torch.isfinite(norm)).float())
+                    bad.add_((~torch.isfinite(loss.detach())).float())
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    stat += torch.stack([pg_loss.detach().float(), vf_loss.detach().float(),
+                                         pstats["clip_frac"].float(), vstats["vf_clip_frac"].float(),
+                                         pstats["approx_kl"].float()])
+            stat /= args.ppo_epochs * args.num_minibatches
+            acc += torch.stack([masked_mean(match, mask), masked_mean(shaped, mask), kl_exact,
+                                masked_mean(kl_est, mask), entropy, *stat, masked_mean(values, mask),
+                                masked_mean(returns, mask)])
+            evs.append(ev)
+            n_acc += 1
+            step += 1
+            chars_seen += chars_per_iter
+            tracker.update(1)
+
+            if step % args.log_interval == 0 or step == args.iters:
+                vals = (dist.all_reduce_mean(acc / n_acc) if ddp else acc / n_acc).tolist()  # syncs the device
+                if dist.all_reduce_max(bad).item() > 0:
+                    raise Diverged(f"loss or gradient norm became NaN/inf at or before iteration {step}; "
+                                   f"last good checkpoint: {latest_checkpoint(out_dir) or 'none'}. Lower --lr.")
+                dt = time.perf_counter() - t_last
+                t_train, n_train = t_train + dt, n_train + n_acc
+                finite = [e for e in evs if math.isfinite(e)]
+                ev_mean = sum(finite) / len(finite) if finite else float("nan")
+                if ddp:
+                    ev_mean = dist.all_reduce_mean(ev_mean)
+                row = {"step": step, **dict(zip(names, vals)), "explained_var": ev_mean, "kl_coef": beta, "lr": lr, "chars_seen": chars_seen,
+                       "s_per_iter": dt / n_acc}
+                summary.setdefault("reward_first", row["reward"])
+                summary["reward_last"] = row["reward"]
+                tracker.log(row)
+                tracker.print(f"iter {step}: reward/char {row['reward']:.4f}, kl {row['kl']:.4f}, "
+                              f"entropy {row['entropy']:.3f}, vf_loss {row['vf_loss']:.4f}, "
+                              f"explained var {row['explained_var']:.3f}, clip {row['clip_frac']:.3f}, "
+                              f"{row['s_per_iter']:.3f} s/iter")
+                acc.zero_()
+                evs.clear()
+                n_acc, t_last = 0, time.perf_counter()
+    finally:
+        tracker.close()
+    if main_proc and n_train:
+        print(f"done: {step} iterations, {chars_seen:,} characters seen, {t_train / n_train:.3f} s/iter "
+              f"(rollouts + updates, this session)\n"
+              f"  mean reward per char: {summary.get('reward_first', float('nan')):.4f} (first log) -> "
+              f"{summary.get('reward_last', float('nan')):.4f} (last log)\n"
+              f"  val CE (nats/char):   {summary.get('val_ce_first', float('nan')):.4f} (first) -> "
+              f"{summary.get('val_ce_last', float('nan')):.4f} (last)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    try:
+        return run(args)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
