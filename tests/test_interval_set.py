@@ -98,17 +98,18 @@ def test_add_many_equals_loop_across_backends(pairs, split, seed):
 def test_backends_build_identical_trees():
     rng = np.random.default_rng(0)
     sets = {b: IntervalSet(seed=123, backend=b) for b in ("python", "cpp")}
-    los = rng.integers(0, 40_000, 4000)
-    his = los + rng.integers(0, 10, 4000)
+    los = rng.integers(0, 100_000, 10_000)
+    his = los + rng.integers(0, 10, 10_000)
     for s in sets.values():
-        s.add_many(los[:2000], his[:2000])  # batch into an empty set: sorted rebuild path
-        s.add_many(los[2000:2050], his[2000:2050])  # small batch into a big set: sorted insertion path
-        for lo, hi in zip(los[2050:3000].tolist(), his[2050:3000].tolist()):
+        s.add_many(los[:3000], his[:3000])  # batch into an empty set: sorted rebuild path
+        s.add_many(los[3000:3100], his[3000:3100])  # small batch into a big set: sorted insertion path
+        for lo, hi in zip(los[3100:7000].tolist(), his[3100:7000].tolist()):  # crosses a C++ relayout
             s.add_if_free(lo, hi)
         for lo, hi in s.to_list()[::7]:
             s.remove(lo, hi)
-        s.add_many(los[3000:], his[3000:])
+        s.add_many(los[7000:], his[7000:])
     py, cpp = sets["python"], sets["cpp"]
+    assert len(py) > 5000
     assert py.structure() == cpp.structure() and py == cpp and hash(py) == hash(cpp)
     assert py.depth() == cpp.depth() < 4 * np.log2(len(py))  # treap depth ~ 2 ln n
 
