@@ -100,7 +100,7 @@ def test_crowded_placement_reports_unplaced(tmp_path):
     m = InsertionMap.open(tmp_path / "m.h5")
     assert report.placed == m.num_insertions == 2 and report.unplaced == 4
     assert sum(report.sources[0].unplaced.values()) == 4 and "could not place" in report.summary()
-    assert json.loads(m.attrs["report"])[0]["placed"] == 2
+    assert json.loads(m.attrs["report"])[0]["placed"] == 2 and json.loads(m.attrs["report"])[0]["unplaced_items"] == 2
 
 
 def test_explicit_placement_and_errors(tmp_path):

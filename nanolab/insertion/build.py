@@ -218,8 +218,15 @@ def build_insertion_map(out_path: str | os.PathLike, sources: list[InsertionSour
     _write(out_path, items_all, np.concatenate(placed_item or [np.zeros(0, np.int64)]),
            np.concatenate(placed_pos or [np.zeros(0, np.int64)]), seq_len, vocab_size,
            {"batch_size": batch_size, "seed": seed, "num_steps": -1 if num_steps is None else num_steps,
-            "report": json.dumps([asdict(s) for s in reports])})
+            "report": json.dumps([_counts(s) for s in reports])})
     return report
+
+
+def _counts(s: SourceReport) -> dict:
+    """A source report without the per-item details (HDF5 attributes must stay small, < 64 KiB)."""
+    d = asdict(s)
+    d["unplaced_items"] = len(d.pop("unplaced"))
+    return d
 
 
 def _check_explicit(it: Item, seq_len: int, batch_size: int, num_steps: int | None, occupied: IntervalSet,
