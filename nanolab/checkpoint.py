@@ -1,0 +1,313 @@
+"""Crash-safe checkpoints: one folder per save, written aside and renamed into place, plus a `latest` pointer.
+
+    run_dir/
+      step000500/
+        model.safetensors   unwrapped model weights (tied tensors stored once), safetensors: no pickle
+        optimizer.pt        optimizer.state_dict(): tensors + plain numbers only, read with weights_only=True
+        state.json          {"step", "model_config", ...caller's state: tokenizer, data iterator, rng, args, metrics}
+      latest                "step000500\\n", replaced atomically after the folder is complete
+
+A save writes everything into `.tmp-step<N>-<pid>/` (each file fsynced, state.json last), renames the folder to
+`step<N>` (atomic on POSIX) and only then updates `latest`; so a crash at any point leaves the previous checkpoint
+as `latest`, and `latest_checkpoint` never returns a half-written folder. Loading never unpickles arbitrary objects.
+
+    path = save_checkpoint(run_dir, step, model, optimizer, state={...}, keep_last=3)
+    path = latest_checkpoint(run_dir)                       # None when there is none
+    state = load_checkpoint(path_or_run_dir, model, optimizer, map_location="cpu")
+    model, tokenizer, state = load_model_for_inference(path_or_run_dir, device="cpu")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+FORMAT_VERSION = 1
+MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST_FILE = "model.safetensors", "optimizer.pt", "state.json", "latest"
+_STEP_RE = re.compile(r"^step(\d+)$")
+_TMP_RE = re.compile(r"^\.(?:tmp|old)-step\d+-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step{step:06d}"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model under DistributedDataParallel (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ----------------------------------------------------------------------------- RNG states (JSON-safe)
+
+
+def _hex(t: torch.Tensor) -> str:
+    return t.cpu().numpy().tobytes().hex()
+
+
+def _unhex(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(bytes.fromhex(s), dtype=np.uint8).copy())
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of python `random`, numpy's global generator, torch CPU and (if initialised) the current
+    CUDA device, as a JSON-safe dict (byte states as hex strings)."""
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    out = {
+        "python": {"version": version, "mt": np.asarray(mt, dtype=np.uint32).tobytes().hex(), "gauss": gauss},
+        "numpy": {"key": np.asarray(np_state["state"]["key"], dtype=np.uint32).tobytes().hex(),
+                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
+                  "gauss": float(np_state["gauss"])},
+        "torch": _hex(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = _hex(torch.cuda.get_rng_state())
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() returned (the CUDA state only if present and CUDA is available)."""
+    try:
+        py = state["python"]
+        mt = tuple(int(v) for v in np.frombuffer(bytes.fromhex(py["mt"]), dtype=np.uint32))
+        random.setstate((py["version"], mt, py["gauss"]))
+        n = state["numpy"]
+        key = np.frombuffer(bytes.fromhex(n["key"]), dtype=np.uint32)
+        np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["gauss"]))
+        torch.set_rng_state(_unhex(state["torch"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(_unhex(state["cuda"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed RNG state in checkpoint ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (so a rename inside it is durable); directories may refuse on some OSes."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_tmp(run_dir: Path) -> None:
+    """Delete leftovers of interrupted saves: .tmp-/.old- folders of dead processes (or of this one)."""
+    for p in run_dir.iterdir():
+        m = _TMP_RE.match(p.name)
+        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder by first renaming it out of the step<N> namespace (atomic), so a crash
+    mid-delete never leaves a half-deleted step folder behind."""
+    trash = path.with_name(f".old-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def step_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoint folders of a run, [(step, path)] sorted by step. Complete = named step<N> (only a
+    finished save is renamed to that) and holding both model.safetensors and state.json."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for p in run_dir.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / MODEL_FILE).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
+                    keep_last: int | None = None) -> Path:
+    """Write run_dir/step<N>/ (model.safetensors, optimizer.pt, state.json) crash-safely, point `latest` at it,
+    and with keep_last=K delete the complete step folders of steps <= N but the K most recent (never the one just
+    written).
+    `state` must be JSON-serialisable; "step", "model_config" (if the model has a config) and "format" are added.
+    Returns the checkpoint folder."""
+    from safetensors.torch import save_model
+
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (or None to keep all), got {keep_last!r}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(run_dir)
+    raw = unwrap_model(model)
+    full_state = dict(state or {})
+    full_state.update(format=FORMAT_VERSION, step=step)
+    if hasattr(raw, "config") and hasattr(raw.config, "to_dict"):
+        full_state["model_config"] = raw.config.to_dict()
+    state_text = json.dumps(full_state, indent=1, allow_nan=False)  # fail before writing anything
+
+    tmp = run_dir / f".tmp-step{step}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        # save_model drops duplicate names of tied tensors (e.g. lm_head.weight == wte.weight) and load_model
+        # restores the tie; the tensors are written as-is (no pickle).
+        save_model(raw, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+        _fsync_path(tmp / MODEL_FILE)
+        if optimizer is not None:
+            with open(tmp / OPTIM_FILE, "wb") as f:
+                torch.save(optimizer.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:  # written last: the folder's completion mark
+            f.write(state_text)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_path(tmp)
+        final = run_dir / step_dir_name(step)
+        if final.exists():  # re-saving a step (e.g. after resuming from an older pointer): replace it
+            _discard(final)
+        os.rename(tmp, final)
+        _fsync_path(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
+    if keep_last is not None:
+        older = [p for s, p in step_dirs(run_dir) if s <= step]  # folders of later steps are not "older"
+        keep = set(older[-keep_last:]) | {final}
+        for p in older:
+            if p not in keep:
+                _discard(p)
+    return final
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The folder named by run_dir/latest if it is complete, else the complete step folder with the highest
+    step, else None. Temporary (.tmp-*) and incomplete folders are never returned."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST_FILE
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        target = run_dir / name
+        if _STEP_RE.match(name) and (target / STATE_FILE).is_file() and (target / MODEL_FILE).is_file():
+            return target
+    complete = step_dirs(run_dir)
+    return complete[-1][1] if complete else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from either a checkpoint folder or a run folder (-> its latest checkpoint)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{path}: not a checkpoint folder ({MODEL_FILE} + {STATE_FILE}) and holds no "
+                                "complete step<N> checkpoint")
+    return found
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """state.json of a checkpoint (folder or run folder)."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ckpt / STATE_FILE}: not valid JSON ({e})") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{ckpt / STATE_FILE}: expected a JSON object with a 'step' key")
+    state["path"] = str(ckpt)
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load weights into `model` (unwrapped first; strict: every key and shape must match) and the optimizer
+    state into `optimizer`, from a checkpoint folder or a run folder's latest. Returns the state.json dict
+    (plus "path": the folder read)."""
+    from safetensors.torch import load_model
+
+    ckpt = resolve_checkpoint(path)
+    state = read_state(ckpt)
+    if model is not None:
+        raw = unwrap_model(model)
+        device = next(raw.parameters()).device
+        try:
+            load_model(raw, str(ckpt / MODEL_FILE), strict=True, device=str(device))
+        except RuntimeError as e:
+            raise ValueError(f"{ckpt / MODEL_FILE} does not fit the model "
+                             f"(checkpoint config {state.get('model_config')}): {e}") from e
+    if optimizer is not None:
+        opt_file = ckpt / OPTIM_FILE
+        if not opt_file.is_file():
+            raise FileNotFoundError(f"{opt_file}: checkpoint has no optimizer state (saved without optimizer?)")
+        opt_state = torch.load(opt_file, map_location=map_location, weights_only=True)
+        try:
+            optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{opt_file} does not fit the optimizer: {e}") from e
+    return state
+
+
+def load_model_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu",
+                             dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model in eval mode on `device`, tokenizer or None, state) from a checkpoint or run folder."""
+    from nanolab.models import build_model
+    from nanolab.tokenizers import load_tokenizer
+
+    state = read_state(path)
+    if "model_config" not in state:
+        raise ValueError(f"{state['path']}/{STATE_FILE}: has no 'model_config'; cannot rebuild the model")
+    model = build_model(state["model_config"])
+    load_checkpoint(state["path"], model)
+    model.to(device=device, dtype=dtype).eval()
+    tokenizer = load_tokenizer(state["tokenizer"]) if state.get("tokenizer") else None
+    return model, tokenizer, state

@@ -1,0 +1,63 @@
+"""Optimizer pieces shared by the training scripts: AdamW parameter groups and the learning-rate schedule.
+
+    groups = param_groups(model, weight_decay=0.1)      # decay only the 2-D weights of nn.Linear
+    opt = build_adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99), device_type="cuda")
+    for g in opt.param_groups: g["lr"] = lr_at(step, ...)   # the schedule is a pure function of the step
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: weight decay on the weight matrices of nn.Linear, none on everything else (norm
+    gains, biases, embedding/position tables). A weight shared by a Linear and an Embedding (GPT-2's tied
+    wte/lm_head) counts as an embedding and is not decayed. Tied parameters appear once."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linear_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # .parameters() already yields a shared tensor once
+        if not p.requires_grad:
+            continue
+        if id(p) in linear_ids and id(p) not in embedding_ids and p.dim() == 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+                device_type: str = "cpu", fused: bool | None = None, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over param_groups(model, weight_decay); by default the fused implementation on CUDA and CPU (one
+    kernel per step instead of several per tensor: ~3x less optimizer time on the tiny CPU models), else foreach."""
+    if not lr > 0:
+        raise ValueError(f"learning rate must be positive, got {lr!r}")
+    if fused is None:
+        fused = device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:
+    """Linear warmup then cosine decay to min_lr (as nanoGPT's get_lr):
+
+        step <  warmup:          lr = learning_rate * (step + 1) / (warmup + 1)
+        step >  lr_decay_iters:  lr = min_lr
+        otherwise:               r = (step - warmup) / (lr_decay_iters - warmup)
+                                 lr = min_lr + 0.5 * (1 + cos(pi * r)) * (learning_rate - min_lr)
+    """
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / (warmup_iters + 1)
+    if step > lr_decay_iters:
+        return min_lr
+    span = lr_decay_iters - warmup_iters
+    ratio = (step - warmup_iters) / span if span > 0 else 1.0
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
