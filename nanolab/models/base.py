@@ -135,7 +135,7 @@ class CausalLM(nn.Module):
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             mask, slots = None, None
             if positions is None:
-                positions = torch.arange(T, device=idx.device).expand(B, T)
+                positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T): broadcast, cheap backward
         else:
             slots, mask = cache.slots_and_mask(T)
             if positions is None:
