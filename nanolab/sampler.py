@@ -24,6 +24,7 @@ Log-probs of each sampled token are returned two ways:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -127,7 +128,7 @@ class _Decoder:
 
     def __init__(self, model: CausalLM, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
                  cuda_graph: bool):
-        self.model = model
+        self._model = weakref.ref(model)  # not a strong ref: the registry below is keyed weakly by the model
         self.cache = model.make_cache(rows, max_len, device=device, dtype=dtype)
         self.idx = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -146,25 +147,32 @@ class _Decoder:
         return KVCache(layers, self.cache.valid[:, :n], self.cache.pos)
 
     def _eager_step(self, cache: KVCache | None = None) -> torch.Tensor:
-        logits, _ = self.model(self.idx, cache=cache or self.cache, positions=self.pos, last_only=True)
+        logits, _ = self._model()(self.idx, cache=cache or self.cache, positions=self.pos, last_only=True)
         self.pos.add_(1)
         return logits[:, -1]
 
     def _capture(self) -> None:
         # Warm up on a side stream (as the PyTorch CUDA-graph docs ask), undoing each step's pos advance; the
         # warm-up writes slot `cache.pos`, which the real step overwrites before anything reads it.
+        # Under autocast, its weight-cast cache must be off: a cached cast would be baked into the graph as a
+        # pointer to a tensor freed when the caller's autocast region ends (and stale after optimizer steps).
+        device = self.cache.pos.device
+        amp = _autocast_dtype(device)
+        no_cache = (torch.autocast(device.type, dtype=amp, cache_enabled=False) if amp is not None
+                    else contextlib.nullcontext())
         cache_pos, pos = self.cache.pos.clone(), self.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._eager_step()
-                self.cache.pos.copy_(cache_pos)
-                self.pos.copy_(pos)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # recorded, not run: pos and the cache are untouched until replay
-            self.logits = self._eager_step()
+        with no_cache:
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._eager_step()
+                    self.cache.pos.copy_(cache_pos)
+                    self.pos.copy_(pos)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # recorded, not run: pos and the cache are untouched until replay
+                self.logits = self._eager_step()
         self.graph = graph
 
     def step(self) -> torch.Tensor:
@@ -173,7 +181,8 @@ class _Decoder:
                 self._capture()
             except Exception as e:  # an op that cannot be captured: stay correct, run eagerly
                 warnings.warn(f"CUDA graph capture of the decode step failed ({e!r}); decoding eagerly", stacklevel=3)
-                torch.cuda.synchronize()
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize()
                 self.use_graph, self.graph, self.logits = False, None, None
         if self.graph is not None:
             self.graph.replay()
@@ -184,7 +193,8 @@ class _Decoder:
 
 
 # One reusable decoder per model (the latest shape), so repeated calls of one shape (RL iterations, benchmarks)
-# capture their CUDA graph once. Keyed by the model's parameter addresses: new weights or modules -> new decoder.
+# capture their CUDA graph once. Keyed by the model's parameter and buffer addresses (a graph reads them by address:
+# in-place updates such as optimizer steps are seen, new tensors or modules need a new decoder) and MLA's absorb flag.
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -193,9 +203,15 @@ def release_decoder(model: CausalLM) -> None:
     _DECODERS.pop(model, None)
 
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, or None when autocast is off."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def _decoder_for(model: CausalLM, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
                  cuda_graph: bool) -> _Decoder:
-    key = (rows, max_len, str(device), dtype, cuda_graph, tuple(p.data_ptr() for p in model.parameters()),
+    key = (rows, max_len, str(device), dtype, cuda_graph, _autocast_dtype(device),
+           tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())),
            tuple(getattr(getattr(b, "attn", None), "absorb", None) for b in model.blocks))
     entry = _DECODERS.get(model)
     if entry is not None and entry[0] == key and not entry[1].in_use:
@@ -223,12 +239,12 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
         if isinstance(p, (int, str)) or not isinstance(p, Sequence):
             raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}; "
                              "pass a list of prompts, e.g. [[1, 2, 3]]")
-        p = [int(t) for t in p]
+        p = list(map(int, p))
         if len(p) == 0:
             raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. a BOS/EOT token)")
-        bad = [t for t in p if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"prompts[{i}] has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        if min(p) < 0 or max(p) >= vocab_size:
+            bad = next(t for t in p if not 0 <= t < vocab_size)
+            raise ValueError(f"prompts[{i}] has token id {bad} outside the vocabulary [0, {vocab_size})")
         out.append(p)
     return out
 
@@ -338,7 +354,8 @@ def _generate(model, prompts, max_new, temperature, top_k, top_p, stop_tokens, g
     max_len = P + max_new - 1
     if cuda_graph:
         max_len = min(-(-max_len // 64) * 64, model.config.block_size)
-    dtype = model.lm_head.weight.dtype
+    # the cache holds keys/values in the dtype they are computed in (autocast's, if it is on)
+    dtype = _autocast_dtype(device) or model.lm_head.weight.dtype
     dec = _decoder_for(model, R, max_len, device, dtype, cuda_graph)
     dec.in_use = True
     try:

@@ -261,6 +261,9 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
                 kw.get("group_size", 1), [], None, 0, True, None, 1, torch.device("cpu"))
         return tokens, lp
 
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # capture under autocast (its weight-cast cache switched off)
+        tokens, lp = run(PROMPTS, 6)
+    assert state["dec"].cache.layers[0]["k"].dtype == torch.bfloat16 and lp.dtype == torch.float32
     cases = [(PROMPTS, 14, 1), ([[3, 4], [9], [1], [2, 2]], 14, 1), (PROMPTS[:2], 14, 2), (PROMPTS[:1], 20, 1)]
     refs = [generate(model, p, n, temperature=0, group_size=g, return_logprobs=True) for p, n, g in cases]
     release_decoder(model)
@@ -268,7 +271,7 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
         tokens, lp = run(prompts, n, group_size=group)
         assert torch.equal(tokens, ref.tokens)
         torch.testing.assert_close(lp, ref.logprobs, atol=1e-5, rtol=0)
-    assert state["captures"] == 2  # calls 2 and 3 replayed call 1's graph (4 rows, same rounded cache length)
+    assert state["captures"] == 3  # calls 2 and 3 replayed call 1's graph (4 rows, same rounded cache length)
     release_decoder(model)
 
 
