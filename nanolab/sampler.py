@@ -127,7 +127,7 @@ class _Decoder:
     """
 
     def __init__(self, model: CausalLM, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 cuda_graph: bool):
+                 cuda_graph: bool, compile: bool = False):
         self._model = weakref.ref(model)  # not a strong ref: the registry below is keyed weakly by the model
         self.cache = model.make_cache(rows, max_len, device=device, dtype=dtype)
         self.idx = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -140,6 +140,10 @@ class _Decoder:
         a, b = model._cache_layout(1, 2), model._cache_layout(1, 3)
         self.slot_dim = {k: next(i for i, (x, y) in enumerate(zip(a[k], b[k])) if x != y) for k in a}
         self.trim = device.type == "cpu"
+        # torch.compile fuses the step's many small kernels (norms, residual adds, GELU, rotary) into a few; with
+        # a CUDA graph on top, batch-1 decoding stops being bound by kernel count. Shapes are static, so it compiles
+        # once per decoder (slow: tens of seconds), which pays off for long or repeated generation.
+        self.step_fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
 
     def prefix(self, n: int) -> KVCache:
         """A view of the cache's first n slots (writes go to the full cache; pos is shared)."""
@@ -165,14 +169,14 @@ class _Decoder:
         side.wait_stream(torch.cuda.current_stream())
         with no_cache:
             with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._eager_step()
+                for _ in range(3):
+                    self.step_fn()
                     self.cache.pos.copy_(cache_pos)
                     self.pos.copy_(pos)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):  # recorded, not run: pos and the cache are untouched until replay
-                self.logits = self._eager_step()
+                self.logits = self.step_fn()
         self.graph = graph
 
     def step(self) -> torch.Tensor:
@@ -189,7 +193,7 @@ class _Decoder:
             return self.logits
         if self.trim:
             return self._eager_step(self.prefix(int(self.cache.pos) + 1))
-        return self._eager_step()
+        return self.step_fn()
 
 
 # One reusable decoder per model (the latest shape), so repeated calls of one shape (RL iterations, benchmarks)
@@ -209,8 +213,8 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def _decoder_for(model: CausalLM, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 cuda_graph: bool) -> _Decoder:
-    key = (rows, max_len, str(device), dtype, cuda_graph, _autocast_dtype(device),
+                 cuda_graph: bool, compile: bool = False) -> _Decoder:
+    key = (rows, max_len, str(device), dtype, cuda_graph, compile, _autocast_dtype(device),
            tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())),
            tuple(getattr(getattr(b, "attn", None), "absorb", None) for b in model.blocks))
     entry = _DECODERS.get(model)
@@ -218,7 +222,7 @@ def _decoder_for(model: CausalLM, rows: int, max_len: int, device: torch.device,
         return entry[1]
     if entry is not None and not entry[1].in_use:
         del _DECODERS[model]  # drop the old cache before allocating the new one
-    dec = _Decoder(model, rows, max_len, device, dtype, cuda_graph)
+    dec = _Decoder(model, rows, max_len, device, dtype, cuda_graph, compile)
     if entry is None or not entry[1].in_use:
         _DECODERS[model] = (key, dec)
     return dec
@@ -271,6 +275,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | torch.Tensor, m
              stop_tokens: Sequence[int] = (), seed: int | None = None, return_logprobs: bool = False, *,
              group_size: int = 1, stop_strings: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
              pad_id: int = 0, generator: torch.Generator | None = None, cuda_graph: bool | None = None,
+             compile: bool = False,
              on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
              check_every: int | None = None) -> Generation:
     """Sample up to `max_new_tokens` tokens after each prompt with the model's KV cache.
@@ -284,6 +289,8 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | torch.Tensor, m
                     to continue one stream across calls; neither: torch's global RNG
     group_size:     n samples per prompt sharing one prefill; rows b*n .. b*n+n-1 belong to prompt b
     cuda_graph:     capture the decode step in a CUDA graph (default: True on CUDA, unavailable on CPU)
+    compile:        torch.compile the decode step first (with cuda_graph only: static shapes); compiles once per
+                    shape, tens of seconds, then the fastest path at small batch
     on_token:       called after every step as on_token(step, tokens (R,), mask (R,)) (streaming; syncs)
     check_every:    steps between host checks that all rows are done (default 1 on CPU, 8 on CUDA)
     pad_id:         token written after a row finishes and used for left padding (masked either way)
@@ -308,6 +315,8 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | torch.Tensor, m
         cuda_graph = device.type == "cuda"
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if compile and not cuda_graph:
+        raise ValueError("compile=True needs cuda_graph=True (a CUDA model): eager CPU decoding changes shape per step")
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if seed is not None:
@@ -319,7 +328,7 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | torch.Tensor, m
     try:
         with torch.inference_mode():
             out = _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator,
-                            return_logprobs, group_size, list(stop_strings), decode, pad_id, cuda_graph, on_token,
+                            return_logprobs, group_size, list(stop_strings), decode, pad_id, (cuda_graph, compile), on_token,
                             check_every or (8 if device.type == "cuda" else 1), device)
     finally:
         model.train(was_training)
@@ -338,7 +347,8 @@ def generate_groups(model: CausalLM, prompts: Sequence[Sequence[int]], group_siz
 
 
 def _generate(model, prompts, max_new, temperature, top_k, top_p, stop_tokens, generator, want_lp, n,
-              stop_strings, decode, pad_id, cuda_graph, on_token, check_every, device):
+              stop_strings, decode, pad_id, graph_opts, on_token, check_every, device):
+    cuda_graph, compile = graph_opts
     B, P = len(prompts), max(len(p) for p in prompts)
     R = B * n
     lens = torch.tensor([len(p) for p in prompts])
@@ -356,7 +366,7 @@ def _generate(model, prompts, max_new, temperature, top_k, top_p, stop_tokens, g
         max_len = min(-(-max_len // 64) * 64, model.config.block_size)
     # the cache holds keys/values in the dtype they are computed in (autocast's, if it is on)
     dtype = _autocast_dtype(device) or model.lm_head.weight.dtype
-    dec = _decoder_for(model, R, max_len, device, dtype, cuda_graph)
+    dec = _decoder_for(model, R, max_len, device, dtype, cuda_graph, compile)
     dec.in_use = True
     try:
         # prefill: the B unique prompts into the first row of each group (a strided view), then copy that row's

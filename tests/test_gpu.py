@@ -32,7 +32,9 @@ def test_cuda_graph_greedy_equals_eager_and_full_recompute(name):
     prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
     graph = generate(model, prompts, 40, temperature=0.0, cuda_graph=True)
     eager = generate(model, prompts, 40, temperature=0.0, cuda_graph=False)
+    compiled = generate(model, prompts, 40, temperature=0.0, cuda_graph=True, compile=True)
     assert torch.equal(graph.tokens, eager.tokens)
+    assert torch.equal(compiled.tokens, eager.tokens)
     with torch.no_grad():
         for r, p in enumerate(prompts):
             assert graph.tokens[r].tolist() == _greedy_full_recompute(model, p, 40)

@@ -258,7 +258,7 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
         with torch.inference_mode():
             tokens, mask, stopped, lp, slp = S._generate(
                 model, prompts, n, kw.get("temperature", 0), None, None, [], kw.get("generator"), True,
-                kw.get("group_size", 1), [], None, 0, True, None, 1, torch.device("cpu"))
+                kw.get("group_size", 1), [], None, 0, (True, False), None, 1, torch.device("cpu"))
         return tokens, lp
 
     with torch.autocast("cpu", dtype=torch.bfloat16):  # capture under autocast (its weight-cast cache switched off)

@@ -181,16 +181,18 @@ def bench_vs_transformers(model, device: str, dtype: torch.dtype, batches: tuple
         prompts = random_prompts(batch, prompt_len, c.vocab_size, seed=batch)
         ids = torch.tensor(prompts, device=device)
         results, tokens = {}, {}
-        configs = [("nanolab, CUDA graph", "ours", True), ("nanolab, eager", "ours", False)]
+        configs = [("nanolab, compiled + CUDA graph", "ours", "compile"), ("nanolab, CUDA graph", "ours", True),
+                   ("nanolab, eager", "ours", False)]
         if not device.startswith("cuda"):
-            configs = configs[1:]
+            configs = configs[2:]
         configs += [("transformers, dynamic cache", "dynamic", None)]
         if hf_static:
             configs += [("transformers, static cache", "static", None)]
         for label, kind, graph in configs:
             try:
                 if kind == "ours":
-                    fn = lambda g=graph, p=prompts: generate(model, p, n, temperature=0, cuda_graph=g).tokens
+                    fn = lambda g=graph, p=prompts: generate(model, p, n, temperature=0, cuda_graph=bool(g),
+                                                            compile=g == "compile").tokens
                 elif hf is None:
                     continue
                 else:
