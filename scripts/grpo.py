@@ -170,7 +170,8 @@ def parse_stops(stops: list[str], tokenizer, vocab_size: int) -> tuple[list[int]
         elif s == EOT_TEXT:
             t = tokenizer.eot_token
         else:
-            strings.append(s.encode().decode("unicode_escape") if "\\" in s else s)  # '\n' typed on a shell
+            # a backslash escape typed on a shell ('\n') becomes the character; other text is kept as is
+            strings.append(s.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in s else s)
             continue
         if not 0 <= t < vocab_size:
             raise ValueError(f"--stop {s!r}: token id {t} is outside the model's vocabulary [0, {vocab_size})")
@@ -426,6 +427,10 @@ def run(args) -> int:
     if train_data is not None and cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model vocab_size {cfg.vocab_size} < GPT-2's {tokenizer.vocab_size}: prompts from the "
                          "training text need every BPE id; use --prompt_text with a smaller vocabulary")
+    for text, p in zip(args.prompt_text or [], fixed_prompts):
+        if max(p) >= cfg.vocab_size:
+            raise ValueError(f"--prompt_text {text!r} encodes to token {max(p)}, outside the model's vocabulary "
+                             f"[0, {cfg.vocab_size})")
     stop_tokens, stop_strings = parse_stops(args.stop, tokenizer, cfg.vocab_size)
     model.to(device)
     reference = None

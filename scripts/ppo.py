@@ -98,7 +98,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--reference", choices=["bigram", "random"], default="bigram",
       help="KL reference: smoothed bigram of the training split, or a frozen copy of the initial policy")
     a("--bigram_smoothing", type=float, default=1.0, help="additive smoothing of the bigram counts (default: 1)")
-    a("--beta_kl", type=float, default=1e-3, help="final KL penalty coefficient in the reward (default: 1e-3)")
+    a("--beta_kl", type=float, default=0.05,
+      help="final KL penalty coefficient in the reward (default: 0.05; at grpo_char.py's 1e-3 the policy collapses "
+           "onto the most frequent character)")
     a("--kl_estimator", choices=["k1", "k3"], default="k1",
       help="per-token KL in the reward: k1 = log pi - log ref, or k3 = (r - 1) - log r (default: k1)")
     a("--kl_warmup_tokens", type=int, default=200_000,
@@ -130,7 +132,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="context (default: the preset's if >= prompt_len + horizon, else that rounded up to 64)")
     a("--dropout", type=float, default=0.0, help="dropout (default: 0)")
     a = p.add_argument_group("optimizer").add_argument
-    a("--iters", type=int, default=150, help="iterations (rollouts + updates) in total (default: 150)")
+    a("--iters", type=int, default=60, help="iterations (rollouts + updates) in total (default: 60)")
     a("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     a("--min_lr", type=float, default=None, help="learning rate at the end of the cosine decay (default: lr/10)")
     a("--warmup_iters", type=int, default=10, help="linear learning-rate warmup, in iterations (default: 10)")
@@ -139,7 +141,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument_group("logging and checkpoints").add_argument
     a("--out_dir", default="out/ppo", help="run folder (default: out/ppo)")
     a("--log_interval", type=int, default=10, help="metrics row every N iterations (default: 10)")
-    a("--eval_interval", type=int, default=50, help="val CE + sample every N iterations; 0: only first/last")
+    a("--eval_interval", type=int, default=30, help="val CE + sample every N iterations; 0: only first/last")
     a("--val_windows", type=int, default=256, help="fixed val windows for the CE (default: 256)")
     a("--checkpoint_interval", type=int, default=None,
       help="save every N iterations (default: eval_interval; the last is always saved); 0: never")

@@ -22,10 +22,10 @@ from nanolab.sampler import generate  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "grpo.py"
 # a 1-layer GPT over the first 512 GPT-2 BPE ids (262 = " the"), prompts "\n": no data needed
-TOY = ["--task", "reward_fn", "--reward_fn", "target_token_frequency", "--vocab_size", "512",
-       "--prompt_text", "\n", "--n_layer", "1", "--n_head", "2", "--n_embd", "64", "--block_size", "16",
-       "--batch_size", "8", "--group_size", "8", "--max_new_tokens", "12", "--warmup_iters", "2",
-       "--log_interval", "1", "--eval_interval", "0", "--checkpoint_interval", "0"]
+TOY_TASK = ["--task", "reward_fn", "--reward_fn", "target_token_frequency", "--prompt_text", "\n",
+            "--batch_size", "8", "--group_size", "8", "--max_new_tokens", "12", "--warmup_iters", "2",
+            "--log_interval", "1", "--eval_interval", "0", "--checkpoint_interval", "0"]
+TOY = [*TOY_TASK, "--vocab_size", "512", "--n_layer", "1", "--n_head", "2", "--n_embd", "64", "--block_size", "16"]
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,7 @@ def test_reward_functions(grpo, tmp_path):
 def test_stops_and_completion_texts(grpo, tokenizer):
     toks, strs = grpo.parse_stops(["<|endoftext|>", "13", "\\n", "END"], tokenizer, 50257)
     assert toks == [50256, 13] and strs == ["\n", "END"]
+    assert grpo.parse_stops(["é\\t—"], tokenizer, 50257) == ([], ["é\t—"])  # escapes decoded, text kept
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         grpo.parse_stops(["<|endoftext|>"], tokenizer, 512)
     a, b = tokenizer.encode(" the cat"), tokenizer.encode(" sat\n down")
@@ -127,10 +128,10 @@ def test_logprobs_match_the_sampler_for_ragged_prompts(grpo, one_thread):
 
 
 def test_toy_reward_is_learned(grpo, tmp_path, one_thread, capsys):
-    """A 1-layer model learns to say " the": the mean reward rises from ~0.01 to > 0.5 within 20 iterations."""
-    assert grpo.main([*TOY, "--iters", "20", "--lr", "1e-2", "--out_dir", str(tmp_path / "run")]) == 0
+    """A 1-layer model learns to say " the": the mean reward rises from ~0.02 to > 0.5 within 15 iterations."""
+    assert grpo.main([*TOY, "--iters", "15", "--lr", "2e-2", "--out_dir", str(tmp_path / "run")]) == 0
     r = [row["reward"] for row in train_rows(tmp_path / "run")]
-    assert len(r) == 20
+    assert len(r) == 15
     assert sum(r[:3]) / 3 < 0.1, r
     assert sum(r[-3:]) / 3 > 0.5, r
     assert "mean reward" in capsys.readouterr().out
@@ -151,7 +152,7 @@ def test_loss_types_and_stops_run(grpo, tmp_path, one_thread, loss_type):
 
 def test_exact_resume(grpo, tmp_path, one_thread):
     """3 iterations + --resume to 6 == 6 iterations straight (constant lr: the schedule ignores --iters)."""
-    common = [*TOY, "--lr", "3e-3", "--min_lr", "3e-3", "--warmup_iters", "0", "--ppo_epochs", "2",
+    common = [*TOY, "--batch_size", "4", "--group_size", "4", "--max_new_tokens", "6", "--lr", "3e-3", "--min_lr", "3e-3", "--warmup_iters", "0", "--ppo_epochs", "2",
               "--num_minibatches", "2", "--loss_type", "dapo", "--checkpoint_interval", "3"]
     assert grpo.main([*common, "--iters", "6", "--out_dir", str(tmp_path / "a")]) == 0
     assert grpo.main([*common, "--iters", "3", "--out_dir", str(tmp_path / "b")]) == 0
@@ -164,6 +165,8 @@ def test_exact_resume(grpo, tmp_path, one_thread):
         torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         grpo.main([*common, "--iters", "6", "--out_dir", str(tmp_path / "a")])
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        grpo.main([*TOY, "--prompt_text", "ROMEO:", "--iters", "1", "--out_dir", str(tmp_path / "c")])
 
 
 def test_continuation_task(grpo, tmp_path, tokenizer, one_thread):
@@ -190,3 +193,20 @@ def test_continuation_task(grpo, tmp_path, tokenizer, one_thread):
     assert (out / "latest").read_text().strip() == "step000002"
     with pytest.raises(SystemExit):
         grpo.get_args(["--task", "continuation", "--prompt_text", "hi"])
+
+
+def test_init_from_hf_folder(grpo, tmp_path, one_thread):
+    """--init_from a transformers folder (nanolab.hf): the policy starts from its weights, so the KL to the
+    frozen reference copy is 0 before the first update, and the checkpoint holds the same architecture."""
+    from nanolab.hf import export_hf
+
+    torch.manual_seed(1)
+    src = build_model(preset("gpt2-char-tiny", vocab_size=512, n_layer=1, n_head=2, n_embd=64, block_size=16))
+    export_hf(src, str(tmp_path / "hf"))
+    out = tmp_path / "run"
+    assert grpo.main([*TOY_TASK, "--init_from", str(tmp_path / "hf"), "--iters", "1", "--lr", "1e-3",
+                      "--checkpoint_interval", "1", "--out_dir", str(out)]) == 0
+    (row,) = train_rows(out)
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6)
+    w = load_file(str(out / "step000001" / "model.safetensors"))
+    assert w["wpe.weight"].shape == (16, 64)

@@ -159,12 +159,12 @@ def test_exact_resume(ppo, tmp_path, data_dir, one_thread):
 
 
 def test_reward_rises(ppo, tmp_path, data_dir, one_thread):
-    """A 1-layer model from scratch: the mean reward per character rises clearly within 20 iterations."""
+    """A 1-layer model from scratch: the mean reward per character rises clearly within 16 iterations."""
     out = tmp_path / "learn"
     assert ppo.main(["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--horizon", "16", "--prompt_len", "2",
-                     "--batch_size", "32", "--val_windows", "4", "--iters", "20", "--lr", "1e-2",
+                     "--batch_size", "32", "--val_windows", "4", "--iters", "16", "--lr", "1e-2",
                      "--warmup_iters", "0", "--log_interval", "1", "--eval_interval", "0",
                      "--checkpoint_interval", "0", "--data_dir", str(data_dir), "--out_dir", str(out)]) == 0
     r = [row["reward"] for row in train_rows(out)]
     first, last = sum(r[:4]) / 4, sum(r[-4:]) / 4
-    assert first < 0.03 and last > 2 * first and last > 0.04, r
+    assert first < 0.025 and last > 2 * first and last > 0.035, r
