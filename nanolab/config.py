@@ -15,7 +15,8 @@ Three steps, each failing with one error that names the file and the key path:
    dataclasses told apart by a Literal `type` field (`- type: add-texts-from-file`).
 
 Strings that came from the environment or the command line are read as YAML scalars of the field's type
-(`--training.num_steps 100` is the int 100, `--name 007` stays the string "007" for a str field).
+(`--training.num_steps 100` is the int 100, `--name 007` stays the string "007" for a str field). A float field
+also takes exponent notation without a dot (`lr: 1e-4`), which PyYAML's YAML 1.1 rules read as a string.
 A dataclass's __post_init__ may raise ValueError for range checks; the message gets the key path prepended.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ import yaml
 
 T = TypeVar("T")
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _ENV_RE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -222,6 +224,8 @@ def _convert(value: Any, tp: Any, path: str, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):  # PyYAML reads 1e-4 as a string
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -112,6 +112,8 @@ def test_overrides(tmp_path):
                                   "--experiments.1.std", "2", "--training.warmup", "null", "--tags.a", "1"],
                       env={"DATA": "/d"})
     assert cfg.training.num_steps == 100 and cfg.training.compile is True
+    assert load_config(p, Schema, ["--training.lr", "1e-4"], env={"DATA": "/d"}).training.lr == 1e-4
+    assert from_dict(Schema, {"name": "x", "training": {"num_steps": 1, "lr": "3E-2"}}).training.lr == 0.03
     assert cfg.name == "007"  # a str field keeps the text
     assert cfg.experiments[1].std == 2.0 and cfg.training.warmup is None and cfg.tags == {"a": "1"}
     with pytest.raises(ConfigError, match=r"\(with overrides\): training\.num_stepz: unknown key"):
