@@ -2,8 +2,8 @@
 
     python scripts/train.py --dataset gpt2 --preset gpt2-char-tiny --out_dir out/bpe   # a small BPE LM first
     python scripts/grpo.py --init_from out/bpe --task continuation                    # +1 per true next token
-    python scripts/grpo.py --task reward_fn --reward_fn target_token_frequency \\
-        --reward_kwargs '{"target": " the"}' --vocab_size 512 --prompt_text $'\\n'   # toy: learns " the" in ~30 iters
+    python scripts/grpo.py --task reward_fn --reward_fn target_token_frequency --reward_kwargs '{"target": " the"}' \\
+        --vocab_size 512 --prompt_text $'\\n' --lr 3e-3 --iters 30     # toy, CPU ~1 min: reward 0.05 -> 0.87
     python scripts/grpo.py --task reward_fn --reward_fn mypkg.rewards:score --stop '<|endoftext|>'
     python scripts/grpo.py --init_from path/to/hf_gpt2 --task reward_fn ...       # a transformers GPT-2 folder
     torchrun --standalone --nproc_per_node=2 scripts/grpo.py ...                  # DDP: each rank its own prompts
