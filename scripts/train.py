@@ -81,6 +81,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--vocab_size", type=int, default=None,
       help="model vocabulary (default: the tokenizer's; e.g. 50304 pads GPT-2's 50257 to a multiple of 64)")
     a("--dropout", type=float, default=0.0, help="dropout probability")
+    a("--bias", choices=["true", "false"], default=None,
+      help="GPT-2 only: biases in Linear and LayerNorm (default: the preset's, true; nanoGPT's default is false)")
     a = p.add_argument_group("optimizer").add_argument
     a("--max_iters", type=int, default=2000, help="optimizer steps in total")
     a("--learning_rate", type=float, default=1e-3, help="peak learning rate")
@@ -117,6 +119,8 @@ def make_model_config(args, vocab_size: int):
     """Model config from --init_from / --preset / explicit dims (a resumed run takes the checkpoint's)."""
     name = args.preset or f"{args.model}-{'char-tiny' if args.dataset == 'char' else '124m'}"
     dims = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
+    if args.bias is not None:
+        dims["bias"] = args.bias == "true"
     return preset(name, vocab_size=args.vocab_size or vocab_size, dropout=args.dropout, **dims)
 
 

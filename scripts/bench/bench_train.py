@@ -45,11 +45,13 @@ NANOGPT_RECIPE = ["--dataset", "char", "--batch_size", "12", "--block_size", "64
 
 RECIPES = {
     # name: (train.py flags, val-loss target, wall-time target as a fraction of nanoGPT's 90 s)
-    "gpt2-nanogpt-recipe": (["--model", "gpt2", *NANOGPT_RECIPE], 1.89, 1.0),
-    # Ours: the same model with a 2x learning rate, so 1250 steps do what 2000 did; evals only at the end.
-    "gpt2-fast": (["--model", "gpt2", *NANOGPT_RECIPE, "--learning_rate", "2e-3", "--min_lr", "2e-4",
-                   "--max_iters", "1250", "--lr_decay_iters", "1250", "--warmup_iters", "50",
-                   "--eval_interval", "1250"], 1.88, 0.8),
+    "gpt2-nanogpt-recipe": (["--model", "gpt2", "--bias", "false", *NANOGPT_RECIPE], 1.89, 1.0),
+    # Ours: the OLMo-2-style model (RoPE, QK-norm, SwiGLU, RMSNorm) trains stably at 3x the learning rate and
+    # needs 900 steps instead of 2000 (single exploratory runs: 800 steps -> 1.858-1.878, 900 -> 1.824-1.853
+    # on the 200-batch eval; GPT-2 at lr 2e-3 for 1250 steps only got 1.950). One eval, at the end.
+    "olmo2-fast": (["--model", "olmo2", *NANOGPT_RECIPE, "--learning_rate", "3e-3", "--min_lr", "3e-4",
+                    "--max_iters", "900", "--lr_decay_iters", "900", "--warmup_iters", "50",
+                    "--eval_interval", "900"], 1.88, 0.8),
 }
 
 
@@ -81,7 +83,7 @@ def bench_cpu(args) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for name in names:
             flags, _, _ = RECIPES[name]
-            walls, losses = [], []
+            walls, losses, in_runs = [], [], []
             for i in range(args.runs):
                 out = Path(tmp) / f"{name}-{i}"
                 cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *flags, "--device", "cpu",
@@ -92,23 +94,29 @@ def bench_cpu(args) -> None:
                 if proc.returncode != 0:
                     raise SystemExit(f"{name} run {i} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
                 loss = final_val_loss(out)
+                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                in_run = [r["val_loss"] for r in rows if "val_loss" in r][-1]
                 walls.append(wall)
                 losses.append(loss)
-                print(f"  {name} run {i}: {wall:.1f} s, val loss {loss:.4f}", flush=True)
-            results[name] = (statistics.median(walls), statistics.median(losses), walls, losses)
+                in_runs.append(in_run)
+                print(f"  {name} run {i}: {wall:.1f} s, val loss {loss:.4f} (in-run estimate {in_run:.4f})",
+                      flush=True)
+            results[name] = {"wall_s": statistics.median(walls), "val_loss": statistics.median(losses),
+                             "in_run_val_loss": statistics.median(in_runs), "walls": walls, "losses": losses}
 
-    print(f"\nCPU, {torch.get_num_threads()} threads; baseline nanoGPT: {NANOGPT_CPU['val_loss']} val loss in "
-          f"{NANOGPT_CPU['wall_s']:.0f} s. Val loss: final checkpoint, 200 x 12 seeded windows.")
-    print(f"{'recipe':<22} {'wall s (median)':>16} {'x nanoGPT':>10} {'val loss':>9} {'target':>18} {'ok':>4}")
-    for name, (wall, loss, _, _) in results.items():
+    print(f"\nCPU, {torch.get_num_threads()} threads, medians of {args.runs} run(s). Baseline nanoGPT: val loss "
+          f"{NANOGPT_CPU['val_loss']} (its in-run 20-batch estimate) in {NANOGPT_CPU['wall_s']:.0f} s.\n"
+          "val loss = final checkpoint on 200 x 12 seeded windows; in-run = train.py's last 20-batch estimate.")
+    print(f"{'recipe':<22} {'wall s':>7} {'x nanoGPT':>10} {'val loss':>9} {'in-run':>7} {'target':>18} {'ok':>4}")
+    for name, r in results.items():
         _, loss_target, time_frac = RECIPES[name]
-        ratio = wall / NANOGPT_CPU["wall_s"]
-        ok = loss <= loss_target and ratio <= time_frac
+        ratio = r["wall_s"] / NANOGPT_CPU["wall_s"]
+        ok = r["val_loss"] <= loss_target and ratio <= time_frac
         target = f"<={loss_target} in <={time_frac * NANOGPT_CPU['wall_s']:.0f}s"
-        print(f"{name:<22} {wall:>16.1f} {ratio:>10.2f} {loss:>9.4f} {target:>18} {'yes' if ok else 'NO':>4}")
+        print(f"{name:<22} {r['wall_s']:>7.1f} {ratio:>10.2f} {r['val_loss']:>9.4f} {r['in_run_val_loss']:>7.4f} "
+              f"{target:>18} {'yes' if ok else 'NO':>4}")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: dict(zip(("wall_s", "val_loss", "walls", "losses"), v))
-                                               for k, v in results.items()}, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 def bench_gpu(args) -> None:
