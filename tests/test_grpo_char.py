@@ -4,7 +4,10 @@ checkpoints, exact resume, the bigram reference, and a short learning-signal run
 import importlib.util
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +203,17 @@ def test_learning_signal(grpo, data_dir, tmp_path, monkeypatch, one_thread):
     reward = [r["reward"] for r in rows(out) if "reward" in r]
     assert len(reward) == 4
     assert reward[0] < 0.05 and reward[-1] > reward[0] + 0.04, reward
+
+
+def test_ddp_two_ranks(data_dir, tmp_path):
+    """torchrun with 2 gloo ranks: each rank samples its own positions, characters seen count both ranks, the dapo
+    token count is all-reduced, and rank 0 writes the metrics and checkpoint."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "NANOLAB_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
+           *TINY, "--iters", "2", "--eval_interval", "2", "--loss_type", "dapo", "--out_dir", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_rows = [r for r in rows(out) if "reward" in r]
+    assert [r["chars_seen"] for r in train_rows] == [2 * 4 * 2 * 8, 2 * 2 * 4 * 2 * 8]
+    assert (out / "latest").read_text().strip() == "step000002"
