@@ -130,7 +130,8 @@ def bench_gpu(args) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     B, T = args.batch_size, 1024
-    cfg = preset(args.preset, vocab_size=args.vocab_size, block_size=T)
+    overrides = {"bias": False} if args.no_bias else {}
+    cfg = preset(args.preset, vocab_size=args.vocab_size, block_size=T, **overrides)
     model = build_model(cfg).to(device)
     optimizer = build_adamw(model, 6e-4, 0.1, (0.9, 0.95), device.type)
     train_model = model if args.no_compile else torch.compile(model)
@@ -176,7 +177,7 @@ def bench_gpu(args) -> None:
         loss.item()
         dt = time.perf_counter() - t0
         rows.append((label, B * T * args.iters / dt, dt / args.iters, warm_s))
-    print(f"{name}: {args.preset} (vocab {cfg.vocab_size}), batch {B} x {T}, bf16, "
+    print(f"{name}: {args.preset}{' without biases' if args.no_bias else ''} (vocab {cfg.vocab_size}), batch {B} x {T}, bf16, "
           f"{'eager' if args.no_compile else 'compiled'}; MFU uses {fpt / 1e6:.0f} MFLOP/token and a peak of "
           f"{args.peak_flops / 1e12:.0f} TFLOP/s")
     print("train.py step = pinned batch copy + autocast forward/backward + grad clipping + lr schedule + fused "
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="gpt2-124m", help="GPU: model preset")
     p.add_argument("--vocab_size", type=int, default=50304, help="GPU: vocabulary (nanoGPT pads 50257 to 50304)")
     p.add_argument("--no_compile", action="store_true", help="GPU: eager mode")
+    p.add_argument("--no_bias", action="store_true",
+                   help="GPU: GPT-2 without biases, the configuration nanoGPT's bench.py times (bias=False)")
     p.add_argument("--peak_flops", type=float, default=H100_BF16_PEAK_FLOPS, help="GPU: peak FLOP/s for MFU")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") or args.throughput:
