@@ -2,7 +2,8 @@
 
     python scripts/grpo_char.py --horizon 70                       # CPU, a few minutes, reward rises
     python scripts/grpo_char.py --reference random --beta_kl 0.3   # KL to a frozen copy of the initial policy
-    python scripts/grpo_char.py --init_from out/train --lr 1e-4    # RL after a supervised warm-up (train.py)
+    python scripts/grpo_char.py --init_from out/train --reference random --lr 1e-4   # RL after train.py
+                                                                   # (needs its --block_size >= 71)
     torchrun --standalone --nproc_per_node=2 scripts/grpo_char.py  # DDP: each rank samples its own positions
     python scripts/grpo_char.py --out_dir out/grpo_char --resume   # continue from out_dir/latest
 
@@ -140,7 +141,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
-    a("--compile", action="store_true", help="torch.compile the policy for the update")
+    a("--compile", action="store_true",
+      help="torch.compile the policy for the update and, on CUDA, the sampler's decode step (compiles once)")
     args = p.parse_args(argv)
     for name in ("horizon", "prompt_len", "batch_size", "group_size", "ppo_epochs", "log_interval", "val_windows"):
         if getattr(args, name) < 1:
@@ -313,11 +315,13 @@ def run(args) -> int:
     train_model = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
+    compile_decode = args.compile and device.type == "cuda"  # the sampler compiles only a CUDA-graph step
     chars_per_iter = args.batch_size * G * H * world_size
     val_x, val_y = val_windows(val_data, args.val_windows, P + H)
     val_x, val_y = val_x.to(device), val_y.to(device)
     tracker = Tracker(out_dir, total=args.iters, initial=start_step, enabled=main_proc, use_wandb=args.wandb,
-                      project=args.wandb_project, config=vars(args))
+                      project=args.wandb_project, config=vars(args),
+                      wandb_id=saved.get("wandb_id") if resume_from is not None else None)
     tracker.print(f"{cfg.family} {cfg.n_layer}x{cfg.n_embd}: {raw_model.num_params() / 1e6:.2f}M parameters, "
                   f"{world_size} x {device}, {args.dtype}; {args.batch_size * world_size} prompts x {G} rollouts x "
                   f"{H} chars = {chars_per_iter:,} chars/iter; reference {args.reference}; "
@@ -336,10 +340,12 @@ def run(args) -> int:
         return total / len(val_x)
 
     def sample_text() -> str:
-        """One rollout from the first val window's prompt (fixed seed), next to the true continuation."""
+        """One rollout from the first val window's prompt (fixed seed), next to the true continuation. Sampled
+        from a copy of the policy: the sampler keeps one decoder (cache, CUDA graph) per model, and a 1-row call
+        on the policy itself would evict the one the rollouts reuse."""
         prompt = val_x[:1, :P].cpu()
         with autocast:
-            gen = generate(raw_model, prompt, H, temperature=1.0, seed=args.seed)
+            gen = generate(copy.deepcopy(raw_model), prompt, H, temperature=1.0, seed=args.seed)
         text = tokenizer.decode(prompt[0].tolist())
         truth = tokenizer.decode(val_x[0, P:].tolist())
         return f"  prompt {text!r}\n  truth  {truth!r}\n  sample {tokenizer.decode(gen.tokens[0].tolist())!r}"
@@ -366,7 +372,8 @@ def run(args) -> int:
             rngs = dist.all_gather_object(rng_state())
             if main_proc:
                 state = {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),
-                         "rng": rngs, "world_size": world_size, "chars_seen": chars_seen, "summary": summary}
+                         "rng": rngs, "world_size": world_size, "chars_seen": chars_seen, "summary": summary,
+                         "wandb_id": tracker.wandb_id}
                 path = save_checkpoint(out_dir, step, raw_model, optimizer, state, args.keep_last)
                 tracker.print(f"saved {path}")
         t_last += time.perf_counter() - t_eval  # eval / save time is not training time
@@ -387,7 +394,7 @@ def run(args) -> int:
             prompts = x[:, :P]
             with autocast:
                 gen = generate(raw_model, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, rank, step),
-                               return_logprobs=args.partial_logprob != 0.0, group_size=G)
+                               return_logprobs=args.partial_logprob != 0.0, group_size=G, compile=compile_decode)
             tokens, mask = gen.tokens, gen.mask  # (N, H), N = B * G
             target = x[:, P:].to(device).repeat_interleave(G, 0)
             seq = torch.cat([prompts.to(device).repeat_interleave(G, 0), tokens], 1)  # (N, P + H)
