@@ -104,10 +104,15 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_iters", "batch_size", "gradient_accumulation_steps", "log_interval", "eval_iters"):
         if getattr(args, name) < (0 if name == "max_iters" else 1):
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ("eval_interval", "checkpoint_interval", "sample_len"):
+        if (getattr(args, name) or 0) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.keep_last is not None and args.keep_last < 1:
+        p.error(f"--keep_last must be >= 1, got {args.keep_last}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.max_iters
-    if args.checkpoint_interval is None:
-        args.checkpoint_interval = args.eval_interval
+    if args.checkpoint_interval is None:  # at each eval, or only at the end when there are no evals
+        args.checkpoint_interval = args.eval_interval if args.eval_interval > 0 else max(args.max_iters, 1)
     return args
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -88,8 +89,9 @@ def bench_cpu(args) -> None:
                 out = Path(tmp) / f"{name}-{i}"
                 cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *flags, "--device", "cpu",
                        "--sample_len", "0", "--log_interval", "250", "--out_dir", str(out), "--keep_last", "1"]
+                env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
                 t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 wall = time.perf_counter() - t0
                 if proc.returncode != 0:
                     raise SystemExit(f"{name} run {i} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -104,7 +106,7 @@ def bench_cpu(args) -> None:
             results[name] = {"wall_s": statistics.median(walls), "val_loss": statistics.median(losses),
                              "in_run_val_loss": statistics.median(in_runs), "walls": walls, "losses": losses}
 
-    print(f"\nCPU, {torch.get_num_threads()} threads, medians of {args.runs} run(s). Baseline nanoGPT: val loss "
+    print(f"\nCPU, {args.threads or torch.get_num_threads()} threads, medians of {args.runs} run(s). Baseline nanoGPT: val loss "
           f"{NANOGPT_CPU['val_loss']} (its in-run 20-batch estimate) in {NANOGPT_CPU['wall_s']:.0f} s.\n"
           "val loss = final checkpoint on 200 x 12 seeded windows; in-run = train.py's last 20-batch estimate.")
     print(f"{'recipe':<22} {'wall s':>7} {'x nanoGPT':>10} {'val loss':>9} {'in-run':>7} {'target':>18} {'ok':>4}")
@@ -195,6 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="cpu (recipe table) or cuda (throughput)")
     p.add_argument("--runs", type=int, default=3, help="CPU: runs per recipe (median reported)")
     p.add_argument("--recipes", default=None, help=f"CPU: comma-separated subset of {', '.join(RECIPES)}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: OMP_NUM_THREADS for the runs (default: torch's, one per core; 1 is far faster on a "
+                        "machine shared with other jobs)")
     p.add_argument("--json", default=None, help="CPU: also write the results to this JSON file")
     p.add_argument("--throughput", action="store_true",
                    help="run the throughput benchmark (the default on CUDA) on any device, e.g. a CPU smoke test")
