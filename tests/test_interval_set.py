@@ -1,6 +1,8 @@
 """IntervalSet: both backends against a brute-force model, against each other (same results, same trees),
-error messages, pickling, batch call."""
+the treap invariants (BST, heap, subtree max_end, size) after every operation, the max_end queries on
+overlapping intervals, error messages, pickling, batch call."""
 
+import gc
 import pickle
 import random
 
@@ -9,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanolab.insertion.interval_set import IntervalSet, cpp_available, resolve_backend
+from nanolab.insertion.interval_set import IntervalSet, _PyTreap, cpp_available, resolve_backend
 
 BACKENDS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="C++ not built"))]
 needs_cpp = pytest.mark.skipif(not cpp_available(), reason="C++ backend not built")
@@ -66,6 +68,7 @@ def random_ops(s: IntervalSet, m: Model, rng: random.Random, n_ops: int, span: i
             expect = [m.add_if_free(a, b) for a, b in zip(los.tolist(), his.tolist())]
             assert s.add_many(los, his).tolist() == expect
         assert len(s) == len(m.items)
+        s._check_invariants()  # BST and heap order, every subtree max_end, size
     assert s.to_list() == sorted(m.items) == list(s)
 
 
@@ -92,6 +95,7 @@ def test_add_many_equals_loop_across_backends(pairs, split, seed):
         head = [s.add_if_free(a, b) for a, b in zip(los[:split].tolist(), his[:split].tolist())]
         assert head + s.add_many(los[split:], his[split:]).tolist() == expect
         assert s.structure() == loop.structure()
+        s._check_invariants()
 
 
 @needs_cpp
@@ -105,9 +109,12 @@ def test_backends_build_identical_trees():
         s.add_many(los[3000:3100], his[3000:3100])  # small batch into a big set: sorted insertion path
         for lo, hi in zip(los[3100:7000].tolist(), his[3100:7000].tolist()):  # crosses a C++ relayout
             s.add_if_free(lo, hi)
+        s._check_invariants()
         for lo, hi in s.to_list()[::7]:
             s.remove(lo, hi)
+        s._check_invariants()
         s.add_many(los[7000:], his[7000:])
+        s._check_invariants()
     py, cpp = sets["python"], sets["cpp"]
     assert len(py) > 5000
     assert py.structure() == cpp.structure() and py == cpp and hash(py) == hash(cpp)
@@ -169,6 +176,7 @@ def test_pickle_round_trip_keeps_tree_and_generator(backend):
     s.add_many(los, los + 5)
     t = pickle.loads(pickle.dumps(s))
     assert t == s and t.backend == s.backend and t.structure() == s.structure() and hash(t) == hash(s)
+    t._check_invariants()
     for x in (s, t):
         x.add_many(np.arange(10) * 10, np.arange(10) * 10 + 2)
     assert t.structure() == s.structure()
@@ -186,3 +194,82 @@ def test_int64_extremes_and_contains(backend):
     assert (hi64 - 3, hi64) in s and (hi64 - 3, hi64 - 1) not in s
     assert s.to_list() == [(lo64, lo64 + 3), (-5, -2), (-1, 0), (5, 9), (hi64 - 3, hi64)]
     assert "backend=" in repr(s) and s != IntervalSet(backend=backend)
+
+
+def test_invariant_checker_catches_corruption():
+    s = IntervalSet([(i * 10, i * 10 + 3) for i in range(50)], seed=3, backend="python")
+    s._check_invariants()
+    root = s._t.root
+    leaf = root
+    while leaf.left is not None or leaf.right is not None:
+        leaf = leaf.left if leaf.left is not None else leaf.right
+    for node, changes, message in [
+        (root, {"max_end": root.max_end + 1}, r"max_end of \[\d+, \d+\] is \d+, expected \d+"),
+        (leaf, {"max_end": leaf.max_end - 1}, "max_end of"),
+        (leaf, {"prio": root.prio + 1}, "heap order: child"),
+        (root, {"lo": -100}, "BST order"),
+        (leaf, {"hi": leaf.hi + 15, "max_end": leaf.hi + 15}, r"intervals \[0, 18\] and \[10, 13\] overlap"),
+    ]:
+        saved = {k: getattr(node, k) for k in changes}
+        for k, v in changes.items():
+            setattr(node, k, v)
+        with pytest.raises(RuntimeError, match=message):
+            s._check_invariants()
+        for k, v in saved.items():
+            setattr(node, k, v)
+        s._check_invariants()
+    s._t.size += 1
+    with pytest.raises(RuntimeError, match="size 51 but 50 nodes"):
+        s._check_invariants()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_end_queries_on_overlapping_intervals(backend):
+    """The queries never assume disjointness: on a tree of nested/overlapping intervals (loaded with
+    disjoint=False; the public API never builds one) find_overlap is the overlap with the smallest lo,
+    add_if_free adds exactly the free intervals, and max_end stays exact through inserts and removes."""
+    rng = random.Random(7)
+    starts = sorted(rng.sample(range(0, 2000), 150))
+    items = [(a, a + (rng.randrange(0, 400) if rng.random() < 0.2 else rng.randrange(0, 15))) for a in starts]
+    prios = np.array([rng.getrandbits(64) for _ in items], dtype=np.uint64)
+    s = IntervalSet(seed=1, backend=backend)
+    s._t.load(np.array([a for a, _ in items]), np.array([b for _, b in items]), prios, 99, disjoint=False)
+    s._t.check_invariants(disjoint=False)
+    assert any(b >= c for (_, b), (c, _) in zip(items, items[1:]))  # really overlapping
+    with pytest.raises(RuntimeError, match=r"invariant broken: intervals \[\d+, \d+\] and \[\d+, \d+\] overlap"):
+        s._check_invariants()  # the default check insists on disjointness
+    m = Model()
+    m.items = list(items)
+    for _ in range(1500):
+        lo = rng.randrange(-50, 2500)
+        hi = lo + rng.randrange(0, 30)
+        assert s.find_overlap(lo, hi) == m.find_overlap(lo, hi)
+        assert s.overlaps(lo, hi) == (m.find_overlap(lo, hi) is not None)
+        if rng.random() < 0.1:
+            assert s.add_if_free(lo, hi) == m.add_if_free(lo, hi)
+        if rng.random() < 0.05:
+            iv = rng.choice(m.items)
+            s.remove(*iv)
+            m.items.remove(iv)
+        s._t.check_invariants(disjoint=False)
+    assert s.to_list() == sorted(m.items)
+    with pytest.raises(ValueError, match="sorted and disjoint"):
+        _PyTreap(0).load(np.array([0, 5]), np.array([6, 7]), np.array([1, 2], dtype=np.uint64), 0)
+    with pytest.raises(ValueError, match="strictly increasing start"):
+        s._t.load(np.array([0, 0]), np.array([6, 7]), np.array([1, 2], dtype=np.uint64), 0, disjoint=False)
+
+
+@needs_cpp
+def test_cpp_fast_methods_keep_the_tree_alive_and_check_arguments():
+    s = IntervalSet([(1, 5)], backend="cpp")
+    add_if_free, find = s.add_if_free, s.find_overlap  # METH_FASTCALL builtins bound to the tree
+    assert type(add_if_free).__name__ == "builtin_function_or_method"
+    del s
+    gc.collect()
+    assert add_if_free(np.int64(10), 12) and not add_if_free(11, 11) and find(0, 100) == (1, 5)
+    with pytest.raises(TypeError, match="expected 2 arguments"):
+        add_if_free(1)
+    with pytest.raises(TypeError, match=r"interval \[0, 9223372036854775808\] does not fit in int64"):
+        add_if_free(0, 2**63)
+    with pytest.raises(TypeError):
+        find(0.5, 1)

@@ -4,10 +4,19 @@ A treap: a binary search tree on lo that is also a max-heap on a random rank (pr
 output of a seeded splitmix64 generator, drawn once per created node, so the same seed and the same calls
 give the same tree (a treap is unique given its (key, rank) pairs, whatever the insertion order).
 
-Overlap test without a subtree max-end field: the stored intervals are disjoint, so [lo, hi] overlaps the
-set iff pred.hi >= lo, where pred is the interval with the largest start <= lo, or succ.lo <= hi, where
-succ has the smallest start > lo. Both lie on the search path of lo, so one root-to-leaf walk answers the
-query, returns the overlapping interval with the smallest lo, and finds where a new node belongs.
+Every node also carries max_end, the largest hi in its subtree: max_end = max(hi, left.max_end,
+right.max_end), kept exact by every insert, split, merge, remove and rebuild (a split/merge treap has no
+rotations). find_overlap / overlaps (and add's error message) are the classic interval-tree descent for the
+leftmost interval ending at or after lo: it lies in the left subtree if left.max_end >= lo, else it is the
+node itself if hi >= lo, else it lies in the right subtree. Every interval overlapping [lo, hi] ends at/after
+lo, so [lo, hi] overlaps the set iff that interval starts at/before hi, and then it is the overlap with the
+smallest lo. An insert must walk the search path of lo anyway, to find the new node's place, so it answers
+the yes/no question on that walk with the same test: an overlapping interval is a node where the path turns
+right (lo' <= lo) and hi' >= lo, or lies in the left subtree of such a node (then that subtree's max_end >= lo),
+or starts in (lo, hi] (then so does the successor of lo, the last node where the path turns left). Neither
+needs disjointness; the set stays disjoint because intervals are only inserted when free, and
+_check_invariants() verifies BST order, disjointness, heap order, every max_end and the size. Costs:
+O(depth) per query, insert and remove, depth ~2 ln n in expectation.
 
 Two backends with one API and identical results and trees: "python" (_PyTreap below, the reference) and
 "cpp" (csrc/interval_set.cpp, built as nanolab._interval_set). Pick with IntervalSet(backend=...) or the
@@ -69,33 +78,59 @@ def _ints(lo: int, hi: int) -> tuple[int, int]:
 
 
 class _Node:
-    __slots__ = ("lo", "hi", "prio", "left", "right")
+    __slots__ = ("lo", "hi", "max_end", "prio", "left", "right")
 
     def __init__(self, lo: int, hi: int, prio: int):
-        self.lo, self.hi, self.prio = lo, hi, prio
+        self.lo, self.hi, self.max_end, self.prio = lo, hi, hi, prio
         self.left: _Node | None = None
         self.right: _Node | None = None
 
 
+def _pull(t: _Node) -> None:
+    """Recompute t.max_end = max(t.hi, left.max_end, right.max_end) from its children."""
+    m, l, r = t.hi, t.left, t.right
+    if l is not None and l.max_end > m:
+        m = l.max_end
+    if r is not None and r.max_end > m:
+        m = r.max_end
+    t.max_end = m
+
+
+def _outranks(a: _Node, prio: int, lo: int) -> bool:
+    """Heap order on the rank (prio, lo): a total order, so prio ties cannot make the shape depend on history."""
+    return a.prio > prio or (a.prio == prio and a.lo > lo)
+
+
 def _split(t: _Node | None, key: int) -> tuple[_Node | None, _Node | None]:
-    """Split subtree t into (keys < key, keys >= key)."""
+    """Split subtree t into (keys < key, keys >= key), fixing max_end on the way back up."""
     if t is None:
         return None, None
     if t.lo < key:
         t.right, r = _split(t.right, key)
-        return t, r
-    l, t.left = _split(t.left, key)
-    return l, t
+        res = t, r
+    else:
+        l, t.left = _split(t.left, key)
+        res = l, t
+    m, c = t.hi, t.left  # _pull(t), inlined: this is on the insert path
+    if c is not None and c.max_end > m:
+        m = c.max_end
+    c = t.right
+    if c is not None and c.max_end > m:
+        m = c.max_end
+    t.max_end = m
+    return res
 
 
 def _merge(a: _Node | None, b: _Node | None) -> _Node | None:
-    """Merge two treaps where every key of a is below every key of b."""
+    """Merge two treaps where every key of a is below every key of b, fixing max_end on the way back up."""
     if a is None or b is None:
         return a if b is None else b
-    if a.prio > b.prio or (a.prio == b.prio and a.lo > b.lo):
+    if _outranks(a, b.prio, b.lo):
         a.right = _merge(a.right, b)
+        _pull(a)
         return a
     b.left = _merge(a, b.left)
+    _pull(b)
     return b
 
 
@@ -113,43 +148,72 @@ class _PyTreap:
     def rng_state(self) -> int:
         return self.rng
 
-    def _probe(self, lo: int, hi: int, prio: int) -> tuple[_Node | None, _Node | None, bool]:
-        """One walk down the search path of lo -> (leftmost overlap or None, parent, right): a node of
-        rank (prio, lo) belongs below parent (None: at the root), on its right side if right."""
-        pred = succ = parent = place = None
-        right = place_right = placed = False
+    def _find(self, lo: int, hi: int) -> _Node | None:
+        """The overlap of [lo, hi] with the smallest lo, or None: the classic interval-tree descent for the
+        leftmost node ending at/after lo (invariant: it is in t's subtree), which overlaps iff t.lo <= hi."""
         t = self.root
-        while t is not None:
-            if not placed and not (t.prio > prio or (t.prio == prio and t.lo > lo)):
-                place, place_right, placed = parent, right, True  # first node we outrank: take its place
-            parent, right = t, t.lo <= lo
-            if right:
-                pred, t = t, t.right
+        if t is None or t.max_end < lo:
+            return None
+        while True:
+            left = t.left
+            if left is not None and left.max_end >= lo:
+                t = left
+            elif t.hi >= lo:
+                return t if t.lo <= hi else None
             else:
-                succ, t = t, t.left
-        if not placed:
-            place, place_right = parent, right
-        hit = pred if pred is not None and pred.hi >= lo else succ if succ is not None and succ.lo <= hi else None
-        return hit, place, place_right
+                t = t.right  # its max_end >= lo, or t.max_end would be < lo
 
     def find_overlap(self, lo: int, hi: int) -> tuple[int, int] | None:
         lo, hi = _ints(lo, hi)
-        hit = self._probe(lo, hi, 0)[0]
+        hit = self._find(lo, hi)
         return None if hit is None else (hit.lo, hit.hi)
 
     def overlaps(self, lo: int, hi: int) -> bool:
-        return self.find_overlap(lo, hi) is not None
+        lo, hi = _ints(lo, hi)
+        return self._find(lo, hi) is not None
 
     def add_if_free(self, lo: int, hi: int) -> bool:
         lo, hi = _ints(lo, hi)
-        prio = splitmix64((self.rng + _GAMMA) & _MASK64)  # peek: the generator only advances on success
-        hit, parent, right = self._probe(lo, hi, prio)
-        if hit is not None:
+        prio = splitmix64((self.rng + _GAMMA) & _MASK64)
+        if not self._insert_if_free(lo, hi, prio):
             return False
-        self.rng = (self.rng + _GAMMA) & _MASK64
+        self.rng = (self.rng + _GAMMA) & _MASK64  # the generator only advances on success
+        return True
+
+    def _insert_if_free(self, lo: int, hi: int, prio: int) -> bool:
+        """Insert node (lo, hi, prio) unless [lo, hi] overlaps the set (see the module docstring); one walk
+        down the search path of lo tests for the overlap and finds the new node's place, below the last
+        node that outranks it. The nodes above the place gain hi in their subtrees; the subtree found
+        there is split around lo into the new node's children."""
+        parent = succ = low = None
+        t = self.root
+        while t is not None and (t.prio > prio or (t.prio == prio and t.lo > lo)):  # _outranks, inlined
+            if t.max_end < hi and low is None:
+                low = t  # max_end never grows going down: from here to the place, every max_end is < hi
+            parent = t
+            if t.lo <= lo:
+                if t.hi >= lo or (t.left is not None and t.left.max_end >= lo):
+                    return False
+                t = t.right
+            else:
+                succ, t = t, t.left
+        below = t  # the subtree that the new node takes the place of; the rest of the path is in it
+        while t is not None:
+            if t.lo <= lo:
+                if t.hi >= lo or (t.left is not None and t.left.max_end >= lo):
+                    return False
+                t = t.right
+            else:
+                succ, t = t, t.left
+        if succ is not None and succ.lo <= hi:
+            return False
+        while low is not None and low is not below:  # raise the max_end < hi above the place to hi
+            low.max_end = hi
+            low = low.right if low.lo <= lo else low.left
         x = _Node(lo, hi, prio)
-        x.left, x.right = _split(self.root if parent is None else parent.right if right else parent.left, lo)
-        self._link(parent, right, x)
+        x.left, x.right = _split(below, lo)
+        _pull(x)
+        self._link(parent, parent is not None and parent.lo <= lo, x)
         self.size += 1
         return True
 
@@ -159,14 +223,20 @@ class _PyTreap:
             raise ValueError(f"interval [{lo}, {hi}] overlaps existing interval [{other[0]}, {other[1]}]")
 
     def remove(self, lo: int, hi: int) -> None:
-        parent, right, t = None, False, self.root
+        path, right, t = [], False, self.root  # path: ancestors, whose max_end may shrink
         while t is not None and t.lo != lo:
-            parent, right = t, lo >= t.lo
+            path.append(t)
+            right = lo >= t.lo
             t = t.right if right else t.left
         if t is None or t.hi != hi:
             raise KeyError(f"interval [{lo}, {hi}] not in set")
-        self._link(parent, right, _merge(t.left, t.right))
+        self._link(path[-1] if path else None, right, _merge(t.left, t.right))
         self.size -= 1
+        for a in reversed(path):
+            before = a.max_end
+            _pull(a)
+            if a.max_end == before:  # unchanged here, so unchanged above
+                break
 
     def add_many(self, los: np.ndarray, his: np.ndarray) -> np.ndarray:
         bad = np.flatnonzero(his < los)
@@ -206,23 +276,61 @@ class _PyTreap:
             stack.extend(c for c in (t.right, t.left) if c is not None)
         return out
 
-    def load(self, los: np.ndarray, his: np.ndarray, prios: np.ndarray, rng_state: int) -> None:
-        """Rebuild from sorted disjoint intervals with their priorities in O(n) (stack-built Cartesian tree)."""
+    def load(self, los: np.ndarray, his: np.ndarray, prios: np.ndarray, rng_state: int,
+             disjoint: bool = True) -> None:
+        """Rebuild from sorted disjoint intervals with their priorities in O(n) (stack-built Cartesian tree).
+        disjoint=False only asks for strictly increasing starts (tests of the overlap queries on overlapping
+        intervals; the IntervalSet API never makes such a tree)."""
         bad = np.flatnonzero(his < los)
-        bad = bad if bad.size else 1 + np.flatnonzero(los[1:] <= his[:-1])
+        bad = bad if bad.size else 1 + np.flatnonzero(los[1:] <= (his[:-1] if disjoint else los[:-1]))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"load: intervals must be valid, sorted and disjoint; bad interval [{los[i]}, {his[i]}]")
+            what = "sorted and disjoint" if disjoint else "sorted by strictly increasing start"
+            raise ValueError(f"load: intervals must be valid, {what}; bad interval [{los[i]}, {his[i]}]")
         spine: list[_Node] = []  # right spine of the tree built so far
         for lo, hi, prio in zip(los.tolist(), his.tolist(), prios.tolist()):
             x, last = _Node(lo, hi, prio), None
             while spine and (prio > spine[-1].prio or (prio == spine[-1].prio and lo > spine[-1].lo)):
                 last = spine.pop()
+                _pull(last)  # popped: its subtree is final (its right child was popped just before)
             x.left = last
             if spine:
                 spine[-1].right = x
             spine.append(x)
+        for x in reversed(spine):
+            _pull(x)
         self.root, self.size, self.rng = (spine[0] if spine else None), len(los), rng_state
+
+    def check_invariants(self, disjoint: bool = True) -> None:
+        """RuntimeError unless: in-order lo increasing with each lo > the previous hi (BST order; the latter
+        only if disjoint), every parent outranks its children (heap order), max_end = max(hi, children's
+        max_end) at every node, and size = number of nodes. O(n)."""
+        def fail(what: str) -> None:
+            raise RuntimeError(f"IntervalSet invariant broken: {what}")
+
+        count, prev = 0, None
+        for t in self._in_order():
+            count += 1
+            if count > self.size:
+                fail(f"size {self.size} but more nodes in the tree")
+            if t.hi < t.lo:
+                fail(f"invalid interval [{t.lo}, {t.hi}]")
+            if prev is not None and t.lo <= prev.lo:
+                fail(f"BST order: [{t.lo}, {t.hi}] after [{prev.lo}, {prev.hi}]")
+            if disjoint and prev is not None and t.lo <= prev.hi:
+                fail(f"intervals [{prev.lo}, {prev.hi}] and [{t.lo}, {t.hi}] overlap")
+            want = t.hi
+            for c in (t.left, t.right):
+                if c is None:
+                    continue
+                if not _outranks(t, c.prio, c.lo):
+                    fail(f"heap order: child [{c.lo}, {c.hi}] outranks parent [{t.lo}, {t.hi}]")
+                want = max(want, c.max_end)
+            if t.max_end != want:
+                fail(f"max_end of [{t.lo}, {t.hi}] is {t.max_end}, expected {want}")
+            prev = t
+        if count != self.size:
+            fail(f"size {self.size} but {count} nodes in the tree")
 
     def _link(self, parent: _Node | None, right: bool, x: _Node | None) -> None:
         if parent is None:
@@ -253,10 +361,12 @@ class IntervalSet:
 
     def _bind(self, treap) -> None:
         # The one-interval methods below are shadowed per instance by the backend's own: this saves a Python
-        # frame per call (~0.1 us, a quarter of a C++ call on a small set). The class methods document them.
+        # frame per call (~0.1 us, a quarter of a C++ call on a small set), and the C++ backend's METH_FASTCALL
+        # builtins skip pybind11's dispatcher (another ~0.09 us). The class methods document them.
         self._t = treap
-        self.add, self.add_if_free, self.overlaps = treap.add, treap.add_if_free, treap.overlaps
-        self.find_overlap, self.remove = treap.find_overlap, treap.remove
+        fast = treap.fast_methods() if hasattr(treap, "fast_methods") else {}
+        for name in ("add", "add_if_free", "overlaps", "find_overlap", "remove"):
+            setattr(self, name, fast.get(name) or getattr(treap, name))
 
     def add(self, lo: int, hi: int) -> None:
         """Add [lo, hi]; ValueError naming the clashing interval if it overlaps one, or if hi < lo."""
@@ -292,6 +402,11 @@ class IntervalSet:
     def depth(self) -> int:
         """Nodes on the longest root-to-leaf path (0 when empty); ~2 ln n in expectation."""
         return self._t.depth()
+
+    def _check_invariants(self) -> None:
+        """RuntimeError naming the first broken invariant (BST order, disjointness, heap order on the ranks,
+        the subtree max_end at every node, size); O(n), for tests and debugging."""
+        self._t.check_invariants()
 
     def structure(self) -> list[tuple[int, int, int]]:
         """Pre-order (lo, hi, prio) of the tree: with the sorted order it fixes the tree's shape."""
