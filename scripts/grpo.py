@@ -70,6 +70,7 @@ from nanolab.losses import group_advantages, grpo_loss, masked_mean, token_entro
 from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
 from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, char_match_rewards, reward_to_go  # noqa: E402
+from nanolab.rl import Diverged, rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate, release_decoder  # noqa: E402
 from nanolab.tokenizers import GPT2Tokenizer  # noqa: E402
 from nanolab.tracking import Tracker  # noqa: E402
@@ -228,24 +229,6 @@ def completion_logits(model, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tens
     """The logits (N, M, V) that predict each completion token: model(idx) gathered at pos (N, M)."""
     logits = model(idx)[0]
     return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-
-
-def rollout_seed(seed: int, rank: int, step: int) -> int:
-    """The sampler's seed at an iteration: a function of (seed, rank, step), so a resumed run samples the same."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def val_windows(val_data, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n fixed, evenly spaced windows of the val split: x = val[s : s+L], y = val[s+1 : s+L+1], (n, L) int64."""
-    if len(val_data) < length + 2:
-        raise ValueError(f"val split has {len(val_data)} tokens, too few for windows of {length}")
-    starts = np.linspace(0, len(val_data) - length - 1, n).astype(np.int64)
-    rows = np.asarray(val_data[starts[:, None] + np.arange(length + 1)], dtype=np.int64)
-    return torch.from_numpy(rows[:, :-1]).contiguous(), torch.from_numpy(rows[:, 1:]).contiguous()
-
-
-class Diverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------- arguments

@@ -72,6 +72,7 @@ from nanolab.losses import (  # noqa: E402
 from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
 from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards, reward_to_go  # noqa: E402
+from nanolab.rl import Diverged, kl_coef_at, rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
 from nanolab.tracking import Tracker  # noqa: E402
 
@@ -160,11 +161,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- the pieces (tested directly)
 
 
-def kl_coef_at(chars_seen: int, beta_kl: float, warmup_chars: int) -> float:
-    """Linear KL warm-up: beta = beta_kl * min(1, chars_seen / warmup_chars) (beta_kl at once if warmup is 0)."""
-    return beta_kl if warmup_chars <= 0 else beta_kl * min(1.0, chars_seen / warmup_chars)
-
-
 def token_rewards(generated: torch.Tensor, target: torch.Tensor, logprobs: torch.Tensor | None, mode: str,
                   partial_logprob: float) -> torch.Tensor:
     """Dense reward (N, H): char_match_rewards(generated, target, mode) + alpha * logprobs (detached)."""
@@ -188,11 +184,6 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, credit: str, gamm
         raise ValueError(f"credit must be 'token' or 'return', got {credit!r}")
     R = rewards.float() if credit == "token" else reward_to_go(rewards, gamma, mask)
     return group_advantages(R, group_size, normalize=None if adv_norm == "none" else adv_norm, mask=mask)
-
-
-def rollout_seed(seed: int, rank: int, step: int) -> int:
-    """The sampler's seed at an iteration: a function of (seed, rank, step), so a resumed run samples the same."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def default_block_size(preset_block: int, needed: int) -> int:
@@ -223,19 +214,6 @@ def initial_policy(args, vocab_size: int, tokenizer, config: dict | None = None)
     if block < needed:
         raise ValueError(f"--block_size {block} < prompt_len + horizon = {needed}")
     return build_model(base.replace(block_size=block))
-
-
-def val_windows(val_data, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n fixed, evenly spaced windows of the val split: x = val[s : s+L], y = val[s+1 : s+L+1], (n, L) int64."""
-    if len(val_data) < length + 2:
-        raise ValueError(f"val split has {len(val_data)} tokens, too few for windows of {length}")
-    starts = np.linspace(0, len(val_data) - length - 1, n).astype(np.int64)
-    rows = np.asarray(val_data[starts[:, None] + np.arange(length + 1)], dtype=np.int64)
-    return torch.from_numpy(rows[:, :-1]).contiguous(), torch.from_numpy(rows[:, 1:]).contiguous()
-
-
-class Diverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------- training

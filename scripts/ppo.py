@@ -81,6 +81,7 @@ from nanolab.losses import (  # noqa: E402
 from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
 from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards  # noqa: E402
+from nanolab.rl import Diverged, kl_coef_at, rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
 from nanolab.tracking import Tracker  # noqa: E402
 
@@ -192,25 +193,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1.0 - masked_var(returns - values, m, unbiased=False) / var_r)
 
 
-def kl_coef_at(chars_seen: int, beta_kl: float, warmup_chars: int) -> float:
-    """Linear KL warm-up: beta = beta_kl * min(1, chars_seen / warmup_chars) (beta_kl at once if warmup is 0)."""
-    return beta_kl if warmup_chars <= 0 else beta_kl * min(1.0, chars_seen / warmup_chars)
-
-
-def rollout_seed(seed: int, rank: int, step: int) -> int:
-    """A seed per (seed, rank, iteration), so a resumed run samples and shuffles exactly as the uninterrupted one."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
-
-
-def val_windows(val_data, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n fixed, evenly spaced windows of the val split (as grpo_char.py): x = val[s : s+L], y = val[s+1 : s+L+1]."""
-    if len(val_data) < length + 2:
-        raise ValueError(f"val split has {len(val_data)} tokens, too few for windows of {length}")
-    starts = np.linspace(0, len(val_data) - length - 1, n).astype(np.int64)
-    rows = np.asarray(val_data[starts[:, None] + np.arange(length + 1)], dtype=np.int64)
-    return torch.from_numpy(rows[:, :-1]).contiguous(), torch.from_numpy(rows[:, 1:]).contiguous()
-
-
 class ValueFunction(nn.Module):
     """V(s_t) = w . h_t + b, h_t the final hidden state (the output of `trunk.ln_f`) of the policy (shared) or of a
     separate critic GPT. The hidden state is read with a forward hook, so the models need no API change.
@@ -293,10 +275,6 @@ def make_value_function(args, policy_cfg, critic_config: dict | None = None) -> 
                 if getattr(args, f"critic_{k}")}
         cfg = policy_cfg.replace(dropout=0.0, **dims)
     return ValueFunction(cfg.n_embd, build_model(cfg))
-
-
-class Diverged(RuntimeError):
-    """The loss or gradient norm became NaN or infinite."""
 
 
 # ----------------------------------------------------------------------------- training
