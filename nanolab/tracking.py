@@ -81,6 +81,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+class Diverged(RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite: scripts stop with a clear message, no checkpoint."""
+
+
 class Tracker:
     """Logging for one run; everything is a no-op when enabled=False (ranks other than 0)."""
 

@@ -70,10 +70,10 @@ from nanolab.losses import group_advantages, grpo_loss, masked_mean, token_entro
 from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
 from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, char_match_rewards, reward_to_go  # noqa: E402
-from nanolab.rl import Diverged, rollout_seed, val_windows  # noqa: E402
+from nanolab.rl import rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate, release_decoder  # noqa: E402
 from nanolab.tokenizers import GPT2Tokenizer  # noqa: E402
-from nanolab.tracking import Tracker  # noqa: E402
+from nanolab.tracking import Diverged, Tracker  # noqa: E402
 
 EOT_TEXT = "<|endoftext|>"
 

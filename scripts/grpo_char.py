@@ -69,12 +69,12 @@ from nanolab.losses import (  # noqa: E402
     token_entropy,
     token_logprobs,
 )
-from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
+from nanolab.models import FAMILIES, PRESETS, build_model  # noqa: E402
 from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards, reward_to_go  # noqa: E402
-from nanolab.rl import Diverged, kl_coef_at, rollout_seed, val_windows  # noqa: E402
+from nanolab.rl import initial_char_policy, kl_coef_at, rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
-from nanolab.tracking import Tracker  # noqa: E402
+from nanolab.tracking import Diverged, Tracker  # noqa: E402
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,36 +186,6 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, credit: str, gamm
     return group_advantages(R, group_size, normalize=None if adv_norm == "none" else adv_norm, mask=mask)
 
 
-def default_block_size(preset_block: int, needed: int) -> int:
-    return preset_block if preset_block >= needed else -(-needed // 64) * 64
-
-
-def initial_policy(args, vocab_size: int, tokenizer, config: dict | None = None):
-    """The policy at iteration 0 (seeded, so the 'random' reference can be rebuilt exactly on resume)."""
-    torch.manual_seed(args.seed)
-    needed = args.prompt_len + args.horizon
-    if args.init_from != "scratch":
-        state = read_state(args.init_from)  # clear error when it is not a checkpoint
-        if state.get("tokenizer") and state["tokenizer"] != tokenizer.to_dict():
-            raise ValueError(f"--init_from {args.init_from}: its tokenizer is not the tiny-Shakespeare char one")
-        cfg = config_from_dict({**state["model_config"], "dropout": args.dropout})
-        if cfg.block_size < needed:
-            raise ValueError(f"--init_from {args.init_from}: block_size {cfg.block_size} < prompt_len + horizon = "
-                             f"{needed}; shorten the horizon or warm up with train.py --block_size {needed}")
-        model = build_model(cfg)
-        load_checkpoint(state["path"], model)
-        return model
-    if config is not None:
-        return build_model(config)
-    name = args.preset or f"{args.model}-char-tiny"
-    dims = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
-    base = preset(name, vocab_size=vocab_size, dropout=args.dropout, **dims)
-    block = args.block_size or default_block_size(base.block_size, needed)
-    if block < needed:
-        raise ValueError(f"--block_size {block} < prompt_len + horizon = {needed}")
-    return build_model(base.replace(block_size=block))
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -252,7 +222,7 @@ def run(args) -> int:
         saved = read_state(resume_from)
         model = build_model(saved["model_config"])
     else:
-        model = initial_policy(args, V, tokenizer)
+        model = initial_char_policy(args, V, tokenizer)
     cfg = model.config
     if cfg.vocab_size != V:
         raise ValueError(f"model vocab_size {cfg.vocab_size} != the char tokenizer's {V}")
@@ -263,7 +233,7 @@ def run(args) -> int:
         reference = BigramLM(bigram_log_probs(np.asarray(train_data), V, args.bigram_smoothing)).to(device)
     else:  # a frozen copy of the initial policy (rebuilt from the same seed / checkpoint when resuming)
         reference = (copy.deepcopy(model) if resume_from is None
-                     else initial_policy(args, V, tokenizer, config=cfg.to_dict()))
+                     else initial_char_policy(args, V, tokenizer, config=cfg.to_dict()))
         reference.to(device).eval().requires_grad_(False)
     optimizer = build_adamw(model, args.lr, args.weight_decay, (0.9, 0.99), device.type)
     positions = BatchIterator(train_data, args.batch_size, P + H, args.seed, rank, world_size, "cpu")

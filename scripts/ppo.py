@@ -78,12 +78,12 @@ from nanolab.losses import (  # noqa: E402
     token_logprobs,
     whiten,
 )
-from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
+from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict  # noqa: E402
 from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards  # noqa: E402
-from nanolab.rl import Diverged, kl_coef_at, rollout_seed, val_windows  # noqa: E402
+from nanolab.rl import initial_char_policy, kl_coef_at, rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
-from nanolab.tracking import Tracker  # noqa: E402
+from nanolab.tracking import Diverged, Tracker  # noqa: E402
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -232,36 +232,6 @@ class ActorCritic(nn.Module):
         return logits, self.value.head(hidden).squeeze(-1)
 
 
-def default_block_size(preset_block: int, needed: int) -> int:
-    return preset_block if preset_block >= needed else -(-needed // 64) * 64
-
-
-def initial_policy(args, vocab_size: int, tokenizer, config: dict | None = None) -> nn.Module:
-    """The policy at iteration 0 (seeded, so the 'random' reference can be rebuilt exactly on resume)."""
-    torch.manual_seed(args.seed)
-    needed = args.prompt_len + args.horizon
-    if args.init_from != "scratch":
-        state = read_state(args.init_from)  # clear error when it is not a checkpoint
-        if state.get("tokenizer") and state["tokenizer"] != tokenizer.to_dict():
-            raise ValueError(f"--init_from {args.init_from}: its tokenizer is not the tiny-Shakespeare char one")
-        cfg = config_from_dict({**state["model_config"], "dropout": args.dropout})
-        if cfg.block_size < needed:
-            raise ValueError(f"--init_from {args.init_from}: block_size {cfg.block_size} < prompt_len + horizon = "
-                             f"{needed}; shorten the horizon or warm up with train.py --block_size {needed}")
-        model = build_model(cfg)
-        load_checkpoint(state["path"], model)
-        return model
-    if config is not None:
-        return build_model(config)
-    name = args.preset or f"{args.model}-char-tiny"
-    dims = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
-    base = preset(name, vocab_size=vocab_size, dropout=args.dropout, **dims)
-    block = args.block_size or default_block_size(base.block_size, needed)
-    if block < needed:
-        raise ValueError(f"--block_size {block} < prompt_len + horizon = {needed}")
-    return build_model(base.replace(block_size=block))
-
-
 def make_value_function(args, policy_cfg, critic_config: dict | None = None) -> ValueFunction:
     """Shared: a head on the policy's width. Separate: a fresh GPT (the policy's config, or --critic_* dims, or
     the saved critic_config on resume; seeded with seed + 1) plus its head."""
@@ -319,7 +289,7 @@ def run(args) -> int:
         if critic_state.get("critic") != args.critic:
             raise ValueError(f"{critic_path}: saved with --critic {critic_state.get('critic')}, not {args.critic}")
     else:
-        policy = initial_policy(args, V, tokenizer)
+        policy = initial_char_policy(args, V, tokenizer)
     cfg = policy.config
     if cfg.vocab_size != V:
         raise ValueError(f"model vocab_size {cfg.vocab_size} != the char tokenizer's {V}")
@@ -331,7 +301,7 @@ def run(args) -> int:
         reference = BigramLM(bigram_log_probs(np.asarray(train_data), V, args.bigram_smoothing)).to(device)
     else:  # a frozen copy of the initial policy (rebuilt from the same seed / checkpoint when resuming)
         reference = (copy.deepcopy(policy) if resume_from is None
-                     else initial_policy(args, V, tokenizer, config=cfg.to_dict()))
+                     else initial_char_policy(args, V, tokenizer, config=cfg.to_dict()))
         reference.to(device).eval().requires_grad_(False)
     optimizer = build_adamw(ac, args.lr, args.weight_decay, (0.9, 0.99), device.type)
     positions = BatchIterator(train_data, B, P + H, args.seed, rank, world_size, "cpu")

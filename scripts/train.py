@@ -45,7 +45,7 @@ from nanolab.checkpoint import (  # noqa: E402
 from nanolab.data import BatchIterator, load_tokens, prepare_shakespeare  # noqa: E402
 from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
 from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
-from nanolab.tracking import H100_BF16_PEAK_FLOPS, Tracker, mfu  # noqa: E402
+from nanolab.tracking import H100_BF16_PEAK_FLOPS, Diverged, Tracker, mfu  # noqa: E402
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,10 +114,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.checkpoint_interval is None:  # at each eval, or only at the end when there are no evals
         args.checkpoint_interval = args.eval_interval if args.eval_interval > 0 else max(args.max_iters, 1)
     return args
-
-
-class Diverged(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite."""
 
 
 def make_model_config(args, vocab_size: int):
