@@ -44,13 +44,6 @@ def tokenizer(grpo):
         pytest.skip(f"GPT-2 BPE files unavailable: {e}")
 
 
-@pytest.fixture
-def one_thread():
-    # tiny models: one thread is several times faster than two on a busy 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rows(run_dir):

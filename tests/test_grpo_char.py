@@ -5,7 +5,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,25 +32,8 @@ def grpo():
     return mod
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A private data root holding a copy of tiny Shakespeare (tokenized on first use)."""
-    for src in (REPO / "data" / "tinyshakespeare" / "input.txt",
-                REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"):
-        if src.is_file():
-            root = tmp_path_factory.mktemp("data")
-            (root / "tinyshakespeare").mkdir()
-            shutil.copy(src, root / "tinyshakespeare" / "input.txt")
-            return root
-    pytest.skip("tiny Shakespeare input.txt not found")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rows(run_dir):

@@ -23,13 +23,8 @@ OLMO2_CASES = [dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, vocab_size=100,
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine spinning OpenMP threads make them
-    many times slower. Single-threaded here, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_threaded(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 def _noisy(module: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -26,13 +26,8 @@ DECODE_CASES = [("gpt2", None), ("olmo2", None), ("mla", True), ("mla", False), 
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning threads make
-    them 10-25x slower (measured): run this module single-threaded, restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _single_threaded(one_thread):
+    """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
 def tiny_model(key: str, seed: int = 0):

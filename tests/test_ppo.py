@@ -4,7 +4,6 @@ trunk), a tiny run that writes metrics and checkpoints (policy + critic), exact 
 import importlib.util
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,25 +28,8 @@ def ppo():
     return mod
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A private data root holding a copy of tiny Shakespeare (tokenized on first use)."""
-    for src in (REPO / "data" / "tinyshakespeare" / "input.txt",
-                REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"):
-        if src.is_file():
-            root = tmp_path_factory.mktemp("data")
-            (root / "tinyshakespeare").mkdir()
-            shutil.copy(src, root / "tinyshakespeare" / "input.txt")
-            return root
-    pytest.skip("tiny Shakespeare input.txt not found")
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def rows(run_dir):

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,17 +20,6 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16
         "--log_interval", "1", "--warmup_iters", "5", "--learning_rate", "3e-3"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A private data root holding a copy of tiny Shakespeare (tokenized on first use)."""
-    for src in (REPO / "data" / "tinyshakespeare" / "input.txt",
-                REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"):
-        if src.is_file():
-            root = tmp_path_factory.mktemp("data")
-            (root / "tinyshakespeare").mkdir()
-            shutil.copy(src, root / "tinyshakespeare" / "input.txt")
-            return root
-    pytest.skip("tiny Shakespeare input.txt not found")
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +30,6 @@ def train():
     return mod
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs use one thread, as the subprocesses below (OMP_NUM_THREADS=1): identical float results."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def env(data_dir):
