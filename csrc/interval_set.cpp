@@ -1,9 +1,11 @@
 // C++ backend of nanolab.insertion.IntervalSet: a treap of disjoint closed int64 intervals [lo, hi].
 //
 // Same algorithm, priorities and results as the pure-Python reference in nanolab/insertion/interval_set.py:
-//   * BST on lo, max-heap on the rank (prio, lo), prio = next splitmix64 output, drawn once per created
-//     node. A treap is unique given its (key, rank) pairs, so both backends build identical trees, and
-//     so does add_many below, which inserts in sorted order or rebuilds instead of inserting one by one.
+//   * BST on lo, max-heap on the rank (prio, lo), prio = splitmix64_mix(key + lo * gamma) with
+//     key = splitmix64_mix(seed + gamma): a seeded hash of lo, recomputed wherever it is needed instead of
+//     stored. A treap is unique given its (key, rank) pairs, so both backends build identical trees, and the
+//     tree depends only on the seed and the contents, not on the order of the calls; add_many below relies
+//     on that when it inserts in sorted order or rebuilds instead of inserting one by one.
 //   * Every node also stores max_end = max(hi, left.max_end, right.max_end), the largest end in its
 //     subtree, kept exact by insert, split, merge, remove and the O(n) rebuilds (there are no rotations:
 //     insert = split the subtree at the new node's place, remove = merge its children).
@@ -12,18 +14,23 @@
 //     hi >= lo, else it is in the right subtree. Every overlap of [lo, hi] ends at/after lo, so [lo, hi]
 //     overlaps the set iff that interval starts at/before hi, and then it is the overlap with the smallest lo.
 //   * insert_if_free (add_if_free, add, add_many's inserts) must walk the search path of lo anyway, to find
-//     the new node's place, so it answers the yes/no overlap question on that walk: an interval that
-//     overlaps [lo, hi] is a node where the path turns right (lo' <= lo) with hi' >= lo, or lies in the left
-//     subtree of such a node (then max_end of that subtree >= lo), or starts after lo and at/before hi (then
-//     so does the successor of lo, the last node where the path turns left). This is the same max_end test,
-//     applied to the left subtrees the path passes, in one walk instead of two (~1.1x faster inserts here).
-//     In a disjoint set (every set built by add) the left subtree of a right turn ends before lo, so the walk
-//     skips that test and reads one node per level; a set loaded with disjoint=false keeps it.
-//   Neither needs the intervals to be disjoint; the set stays disjoint because inserts follow a failed test.
+//     the new node's place, and on the way it passes lo's predecessor (the last node where the path turns
+//     right) and successor (the last left turn). In a disjoint set (every set built by add) [lo, hi] is free
+//     iff pred.hi < lo and succ.lo > hi, and max_end is the end of the subtree's last interval, so an insert
+//     changes max_end only at the new node, at the nodes split below it, and, when the new node ends up
+//     last in their subtrees, at the trailing run of right turns above it. The walk itself reads only lo,
+//     the child links and the (derived) priority. A set loaded with disjoint=false (tests of the queries on
+//     overlapping intervals) takes the general walk, which also tests max_end of the left subtrees that the
+//     path passes on right turns, as the Python reference does for every set.
 //   * check_invariants() verifies BST order, disjointness, heap order, max_end at every node and the size.
-// Nodes live in one vector and link by int32 index (40 bytes each); removed slots are reused. A walk touches
-// one node per level plus, on right turns, the left child's max_end (fetched while the right child is
-// prefetched, so the two misses overlap), and the tree is ~2 ln n deep.
+// Nodes link by int32 index (removed slots are reused) and are split in two parallel arrays: the hot halves
+// {lo, left, right} (16 bytes, four to a cache line) that the walk reads at every level, and the cold halves
+// {hi, max_end} that an insert reads or writes at a few nodes. Each time the set grows by a quarter,
+// relayout() renumbers the nodes so that a line holds the top of a subtree (a node, its children, a
+// grandchild): a walk of the ~2 ln n levels then reads about one line per two levels. On the 2-core dev VM
+// (whose L3 holds only a few MB: a pointer chase over 8 MB already misses) this took 1M add_if_free calls
+// from Python to 0.77-1.0 s best of 5, from 1.0-1.28 s in the same window with 40-byte nodes {lo, hi,
+// max_end, prio, left, right}, generator-drawn priorities and a pre-order layout when the set doubled.
 // The one-interval calls also come as METH_FASTCALL builtins (Treap.fast_methods(), bound per instance by
 // IntervalSet): pybind11's generic dispatcher costs ~0.09 us a call, a tenth of an insert into a 1M set.
 #include <pybind11/numpy.h>
@@ -67,15 +74,25 @@ void check(int64_t lo, int64_t hi) {
 using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 using U64Array = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
 
-struct Node {
-  int64_t lo, hi;
-  int64_t max_end;  // largest hi in this node's subtree
-  uint64_t prio;
+// A node is split in two halves stored in two parallel arrays. The hot half is all that the walk down a
+// search path reads at each level (lo to steer, lo again for the derived priority, the child links): 16
+// bytes, four to a cache line, never straddling two, so a 1M-node tree's hot array (16 MB) fits the L3.
+struct Hot {
+  int64_t lo;
   int32_t left, right;
 };
-static_assert(sizeof(Node) == 40, "Node layout");
+static_assert(sizeof(Hot) == 16, "Hot layout");
+// The cold half: read once per insert (the predecessor's hi) and by the few max_end updates.
+struct Cold {
+  int64_t hi;
+  int64_t max_end;  // largest hi in this node's subtree
+};
+static_assert(sizeof(Cold) == 16, "Cold layout");
+struct Interval {
+  int64_t lo, hi;
+};
 
-// Allocator for the node array: blocks of 2 MiB and more are 2 MiB aligned and marked MADV_HUGEPAGE, so a
+// Allocator for the node arrays: blocks of 2 MiB and more are 2 MiB aligned and marked MADV_HUGEPAGE, so a
 // 1M-node tree (40 MB) spans ~20 TLB entries instead of ~10k 4 KiB pages. A random descent touches one new
 // page per level, so with small pages most levels also miss the TLB (~1.25x faster 1M inserts here).
 template <typename T>
@@ -87,39 +104,35 @@ struct HugePageAllocator {
   HugePageAllocator(const HugePageAllocator<U>&) {}
   T* allocate(size_t n) {
     const size_t bytes = n * sizeof(T);
-    if (bytes < kHuge) return std::allocator<T>().allocate(n);
-    void* p = std::aligned_alloc(kHuge, (bytes + kHuge - 1) / kHuge * kHuge);
+    const size_t align = bytes < kHuge ? 64 : kHuge;  // smaller blocks: cache-line aligned (relayout's blocks)
+    void* p = std::aligned_alloc(align, (bytes + align - 1) / align * align);
     if (!p) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: without transparent huge pages it changes nothing
+    if (align == kHuge) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: without transparent huge pages it changes nothing
 #endif
     return static_cast<T*>(p);
   }
-  void deallocate(T* p, size_t n) {
-    if (n * sizeof(T) < kHuge)
-      std::allocator<T>().deallocate(p, n);
-    else
-      std::free(p);
-  }
+  void deallocate(T* p, size_t) { std::free(p); }
   template <typename U>
   bool operator==(const HugePageAllocator<U>&) const { return true; }
   template <typename U>
   bool operator!=(const HugePageAllocator<U>&) const { return false; }
 };
-using NodeVec = std::vector<Node, HugePageAllocator<Node>>;
+using HotVec = std::vector<Hot, HugePageAllocator<Hot>>;
+using ColdVec = std::vector<Cold, HugePageAllocator<Cold>>;
 
 class Treap {
  public:
-  explicit Treap(uint64_t seed) : rng_(seed) {}
+  explicit Treap(uint64_t seed) { set_seed(seed); }
 
   size_t size() const { return size_; }
-  uint64_t rng_state() const { return rng_; }
+  uint64_t seed() const { return seed_; }
 
   py::object find_overlap(int64_t lo, int64_t hi) const {
     check(lo, hi);
     int32_t t = find(lo, hi);
     if (t < 0) return py::none();
-    return py::make_tuple(nodes_[t].lo, nodes_[t].hi);
+    return py::make_tuple(hot_[t].lo, cold_[t].hi);
   }
 
   bool overlaps(int64_t lo, int64_t hi) const {
@@ -129,35 +142,33 @@ class Treap {
 
   bool add_if_free(int64_t lo, int64_t hi) {
     check(lo, hi);
-    if (!insert_if_free(lo, hi, splitmix64_mix(rng_ + kGamma))) return false;
-    rng_ += kGamma;  // the generator only advances on success
-    return true;
+    return disjoint_ ? insert_if_free(lo, hi) : insert_if_free_general(lo, hi);
   }
 
   void add(int64_t lo, int64_t hi) {
     if (!add_if_free(lo, hi)) {
       int32_t t = find(lo, hi);
       throw py::value_error("interval " + fmt(lo, hi) + " overlaps existing interval " +
-                            fmt(nodes_[t].lo, nodes_[t].hi));
+                            fmt(hot_[t].lo, cold_[t].hi));
     }
   }
 
   void remove(int64_t lo, int64_t hi) {
     path_.clear();  // ancestors of the removed node, whose max_end may shrink
     int32_t* link = &root_;
-    while (*link >= 0 && nodes_[*link].lo != lo) {
+    while (*link >= 0 && hot_[*link].lo != lo) {
       path_.push_back(*link);
-      link = lo < nodes_[*link].lo ? &nodes_[*link].left : &nodes_[*link].right;
+      link = lo < hot_[*link].lo ? &hot_[*link].left : &hot_[*link].right;
     }
-    if (*link < 0 || nodes_[*link].hi != hi) throw py::key_error("interval " + fmt(lo, hi) + " not in set");
+    if (*link < 0 || cold_[*link].hi != hi) throw py::key_error("interval " + fmt(lo, hi) + " not in set");
     int32_t x = *link;
-    *link = merge(nodes_[x].left, nodes_[x].right);
+    *link = merge(hot_[x].left, hot_[x].right);
     free_.push_back(x);
     --size_;
     for (auto it = path_.rbegin(); it != path_.rend(); ++it) {
-      const int64_t before = nodes_[*it].max_end;
+      const int64_t before = cold_[*it].max_end;
       pull(*it);
-      if (nodes_[*it].max_end == before) break;  // unchanged here, so unchanged above
+      if (cold_[*it].max_end == before) break;  // unchanged here, so unchanged above
     }
   }
 
@@ -167,8 +178,8 @@ class Treap {
   //      linear merge against the in-order contents when the batch is large);
   //   2. among the survivors, only intervals that chain-overlap each other (a "cluster" in sorted order)
   //      can conflict; resolve each cluster greedily in input order;
-  //   3. draw priorities for the accepted intervals in input order, exactly as the loop would;
-  //   4. insert them in sorted order, or rebuild the whole treap in O(n + m) when the batch is large.
+  //   3. insert the accepted ones in sorted order, or rebuild the whole treap in O(n + m) when the batch is
+  //      large (priorities depend only on lo, so the order of the inserts cannot change the tree).
   py::array_t<bool> add_many(I64Array los, I64Array his) {
     if (los.ndim() != 1 || his.ndim() != 1 || los.shape(0) != his.shape(0))
       throw py::value_error("add_many: los and his must be 1-D arrays of the same length, got shapes " +
@@ -194,21 +205,21 @@ class Treap {
       auto [t, d] = stack.back();
       stack.pop_back();
       best = std::max(best, d);
-      if (nodes_[t].left >= 0) stack.push_back({nodes_[t].left, d + 1});
-      if (nodes_[t].right >= 0) stack.push_back({nodes_[t].right, d + 1});
+      if (hot_[t].left >= 0) stack.push_back({hot_[t].left, d + 1});
+      if (hot_[t].right >= 0) stack.push_back({hot_[t].right, d + 1});
     }
     return best;
   }
 
   // In-order (lo, hi, prio) arrays.
   std::tuple<py::array_t<int64_t>, py::array_t<int64_t>, py::array_t<uint64_t>> arrays() const {
-    NodeVec v = in_order();
+    std::vector<Interval> v = in_order();
     py::array_t<int64_t> los(v.size()), his(v.size());
     py::array_t<uint64_t> prios(v.size());
     for (size_t k = 0; k < v.size(); ++k) {
       los.mutable_data()[k] = v[k].lo;
       his.mutable_data()[k] = v[k].hi;
-      prios.mutable_data()[k] = v[k].prio;
+      prios.mutable_data()[k] = prio_of(v[k].lo);
     }
     return {los, his, prios};
   }
@@ -219,32 +230,32 @@ class Treap {
     std::vector<int32_t> stack;
     if (root_ >= 0) stack.push_back(root_);
     while (!stack.empty()) {
-      const Node& n = nodes_[stack.back()];
+      const int32_t t = stack.back();
+      const Hot& n = hot_[t];
       stack.pop_back();
-      out.emplace_back(n.lo, n.hi, n.prio);
+      out.emplace_back(n.lo, cold_[t].hi, prio_of(n.lo));
       if (n.right >= 0) stack.push_back(n.right);
       if (n.left >= 0) stack.push_back(n.left);
     }
     return out;
   }
 
-  // Replace the contents by sorted disjoint intervals with given priorities (pickle restore). disjoint=false
+  // Replace the contents by sorted disjoint intervals, priorities from seed (pickle restore). disjoint=false
   // only asks for strictly increasing starts (tests of the queries on overlapping intervals).
-  void load(I64Array los, I64Array his, U64Array prios, uint64_t rng_state, bool disjoint) {
+  void load(I64Array los, I64Array his, uint64_t seed, bool disjoint) {
     const size_t n = static_cast<size_t>(los.shape(0));
-    if (los.ndim() != 1 || his.ndim() != 1 || prios.ndim() != 1 || static_cast<size_t>(his.shape(0)) != n ||
-        static_cast<size_t>(prios.shape(0)) != n)
-      throw py::value_error("load: los, his and prios must be 1-D arrays of the same length");
-    NodeVec all(n);
+    if (los.ndim() != 1 || his.ndim() != 1 || static_cast<size_t>(his.shape(0)) != n)
+      throw py::value_error("load: los and his must be 1-D arrays of the same length");
+    std::vector<Interval> all(n);
     for (size_t i = 0; i < n; ++i) {
-      all[i] = {los.data()[i], his.data()[i], his.data()[i], prios.data()[i], -1, -1};
+      all[i] = {los.data()[i], his.data()[i]};
       if (all[i].hi < all[i].lo || (i > 0 && all[i].lo <= (disjoint ? all[i - 1].hi : all[i - 1].lo)))
         throw py::value_error(std::string("load: intervals must be valid, ") +
                               (disjoint ? "sorted and disjoint" : "sorted by strictly increasing start") +
                               "; bad interval " + fmt(all[i].lo, all[i].hi));
     }
-    build(std::move(all));
-    rng_ = rng_state;
+    set_seed(seed);
+    build(all);
     disjoint_ = disjoint;
   }
 
@@ -253,53 +264,67 @@ class Treap {
   // children's max_end) at every node, size = reachable nodes = slots in use. O(n).
   void check_invariants(bool disjoint) const {
     auto fail = [](const std::string& what) { throw std::runtime_error("IntervalSet invariant broken: " + what); };
-    auto in_range = [&](int32_t i) { return i >= -1 && i < static_cast<int32_t>(nodes_.size()); };
+    auto in_range = [&](int32_t i) { return i >= -1 && i < static_cast<int32_t>(hot_.size()); };
     if (!in_range(root_)) fail("root index " + std::to_string(root_) + " out of range");
+    if (hot_.size() != cold_.size()) fail("hot and cold arrays differ in size");
     std::vector<int32_t> stack;
     size_t count = 0;
-    const Node* prev = nullptr;
+    int32_t prev = -1;
     int32_t t = root_;
     while (t >= 0 || !stack.empty()) {
-      for (; t >= 0; t = nodes_[t].left) {
-        if (stack.size() > nodes_.size()) fail("cycle in the tree");
+      for (; t >= 0; t = hot_[t].left) {
+        if (stack.size() > hot_.size()) fail("cycle in the tree");
         stack.push_back(t);
       }
       t = stack.back();
       stack.pop_back();
-      const Node& n = nodes_[t];
-      if (++count > nodes_.size()) fail("cycle in the tree");
-      if (!in_range(n.left) || !in_range(n.right)) fail("child index out of range at node " + fmt(n.lo, n.hi));
-      if (n.hi < n.lo) fail("invalid interval " + fmt(n.lo, n.hi));
-      if (prev && n.lo <= prev->lo) fail("BST order: " + fmt(n.lo, n.hi) + " after " + fmt(prev->lo, prev->hi));
-      if (disjoint && prev && n.lo <= prev->hi) fail("intervals " + fmt(prev->lo, prev->hi) + " and " + fmt(n.lo, n.hi) + " overlap");
-      int64_t want = n.hi;
+      const Hot& n = hot_[t];
+      const int64_t hi = cold_[t].hi;
+      if (++count > hot_.size()) fail("cycle in the tree");
+      if (!in_range(n.left) || !in_range(n.right)) fail("child index out of range at node " + fmt(n.lo, hi));
+      if (hi < n.lo) fail("invalid interval " + fmt(n.lo, hi));
+      if (prev >= 0 && n.lo <= hot_[prev].lo)
+        fail("BST order: " + fmt(n.lo, hi) + " after " + fmt(hot_[prev].lo, cold_[prev].hi));
+      if (disjoint && prev >= 0 && n.lo <= cold_[prev].hi)
+        fail("intervals " + fmt(hot_[prev].lo, cold_[prev].hi) + " and " + fmt(n.lo, hi) + " overlap");
+      int64_t want = hi;
       for (int32_t c : {n.left, n.right}) {
         if (c < 0) continue;
-        if (!outranks(n, nodes_[c].prio, nodes_[c].lo))
-          fail("heap order: child " + fmt(nodes_[c].lo, nodes_[c].hi) + " outranks parent " + fmt(n.lo, n.hi));
-        want = std::max(want, nodes_[c].max_end);
+        if (!outranks(t, prio_of(hot_[c].lo), hot_[c].lo))
+          fail("heap order: child " + fmt(hot_[c].lo, cold_[c].hi) + " outranks parent " + fmt(n.lo, hi));
+        want = std::max(want, cold_[c].max_end);
       }
-      if (n.max_end != want)
-        fail("max_end of " + fmt(n.lo, n.hi) + " is " + std::to_string(n.max_end) + ", expected " + std::to_string(want));
-      prev = &n;
+      if (cold_[t].max_end != want)
+        fail("max_end of " + fmt(n.lo, hi) + " is " + std::to_string(cold_[t].max_end) + ", expected " +
+             std::to_string(want));
+      prev = t;
       t = n.right;
     }
     if (count != size_) fail("size " + std::to_string(size_) + " but " + std::to_string(count) + " nodes in the tree");
-    if (size_ + free_.size() != nodes_.size())
+    if (size_ + free_.size() != hot_.size())
       fail(std::to_string(size_) + " nodes + " + std::to_string(free_.size()) + " free slots != " +
-           std::to_string(nodes_.size()) + " slots");
+           std::to_string(hot_.size()) + " slots");
   }
 
  private:
-  NodeVec nodes_;
+  HotVec hot_;    // hot_[i] and cold_[i] are the two halves of node i
+  ColdVec cold_;
   std::vector<int32_t> free_;
   std::vector<int32_t> path_;  // remove()'s scratch: the ancestors of the removed node
   int32_t root_ = -1;
   size_t size_ = 0;
-  uint64_t rng_;
+  uint64_t seed_ = 0, key_ = 0;  // prio(lo) = splitmix64_mix(key_ + lo * gamma), key_ = splitmix64_mix(seed_ + gamma)
   bool disjoint_ = true;  // false only after load(disjoint=false)
   static constexpr size_t kFirstRelayout = 1 << 12;  // below this the nodes stay in cache anyway
+  static constexpr size_t kLine = 64 / sizeof(Hot);  // hot halves per cache line
   size_t relayout_at_ = kFirstRelayout;
+
+  void set_seed(uint64_t seed) {
+    seed_ = seed;
+    key_ = splitmix64_mix(seed + kGamma);
+  }
+
+  uint64_t prio_of(int64_t lo) const { return splitmix64_mix(key_ + static_cast<uint64_t>(lo) * kGamma); }
 
   template <typename A>
   static std::string shape_str(const A& a) {
@@ -308,17 +333,16 @@ class Treap {
     return s + (a.ndim() == 1 ? ",)" : ")");
   }
 
-  // Heap order on the rank (prio, lo): a total order, so prio ties cannot make the shape depend on history.
-  static bool outranks(const Node& a, uint64_t prio, int64_t lo) {
-    return a.prio > prio || (a.prio == prio && a.lo > lo);
-  }
+  // Heap order on the rank (prio, lo): a total order (and with prio a function of lo, just a shuffle of lo).
+  static bool rank_gt(uint64_t pa, int64_t la, uint64_t pb, int64_t lb) { return pa > pb || (pa == pb && la > lb); }
+  bool outranks(int32_t a, uint64_t prio, int64_t lo) const { return rank_gt(prio_of(hot_[a].lo), hot_[a].lo, prio, lo); }
 
   void pull(int32_t t) {
-    Node& n = nodes_[t];
-    int64_t m = n.hi;
-    if (n.left >= 0) m = std::max(m, nodes_[n.left].max_end);
-    if (n.right >= 0) m = std::max(m, nodes_[n.right].max_end);
-    n.max_end = m;
+    const Hot& n = hot_[t];
+    int64_t m = cold_[t].hi;
+    if (n.left >= 0) m = std::max(m, cold_[n.left].max_end);
+    if (n.right >= 0) m = std::max(m, cold_[n.right].max_end);
+    cold_[t].max_end = m;
   }
 
   // The classic interval-tree query: the leftmost node (smallest lo) with hi >= lo, or -1. Invariant: the
@@ -326,13 +350,13 @@ class Treap {
   // ends at/after lo, else in the right subtree (whose max_end must then be >= lo).
   int32_t first_ending_at_or_after(int64_t lo) const {
     int32_t t = root_;
-    if (t < 0 || nodes_[t].max_end < lo) return -1;
+    if (t < 0 || cold_[t].max_end < lo) return -1;
     for (;;) {
-      const Node& n = nodes_[t];
-      if (n.right >= 0) __builtin_prefetch(&nodes_[n.right]);  // overlap its miss with the left child's
-      if (n.left >= 0 && nodes_[n.left].max_end >= lo)
+      const Hot& n = hot_[t];
+      if (n.right >= 0) __builtin_prefetch(&hot_[n.right]);  // overlap its miss with the left child's
+      if (n.left >= 0 && cold_[n.left].max_end >= lo)
         t = n.left;
-      else if (n.hi >= lo)
+      else if (cold_[t].hi >= lo)
         return t;
       else
         t = n.right;
@@ -343,7 +367,7 @@ class Treap {
   // interval that does is the answer iff it starts at/before hi.
   int32_t find(int64_t lo, int64_t hi) const {
     int32_t t = first_ending_at_or_after(lo);
-    return t >= 0 && nodes_[t].lo <= hi ? t : -1;
+    return t >= 0 && hot_[t].lo <= hi ? t : -1;
   }
 
   struct Item {
@@ -385,7 +409,7 @@ class Treap {
     // 1. Which intervals are free of the current tree: sorted probes, or a linear merge with the in-order
     //    contents when the batch is large enough that rebuilding beats inserting one by one.
     const bool rebuild = m * 16 >= size_;
-    NodeVec old;
+    std::vector<Interval> old;
     if (rebuild) old = in_order();
     std::vector<char> ok(m);  // in sorted order: free of the tree, later: accepted
     size_t j = 0;                  // merge pointer: first old node with lo > current lo
@@ -425,205 +449,299 @@ class Treap {
       cluster.push_back(k);
     }
     resolve();
-
-    // 3. Priorities as the one-at-a-time loop draws them: splitmix64 is counter based, so the interval
-    //    accepted r-th in batch order gets mix(rng + (r + 1) * gamma).
     std::fill(added, added + m, false);
-    for (size_t k = 0; k < m; ++k) added[items[k].idx] = ok[k];
-    std::vector<int32_t> rank(m);
-    int32_t r = 0;
-    for (size_t i = 0; i < m; ++i) rank[i] = added[i] ? r++ : -1;
-    const uint64_t rng0 = rng_;
-    rng_ += static_cast<uint64_t>(r) * kGamma;
-    auto prio_of = [&](const Item& x) { return splitmix64_mix(rng0 + static_cast<uint64_t>(rank[x.idx] + 1) * kGamma); };
+    size_t r = 0;
+    for (size_t k = 0; k < m; ++k) {
+      added[items[k].idx] = ok[k];
+      r += ok[k] != 0;
+    }
 
-    // 4. Insert in sorted order (the path stays cached), or rebuild from the merged sorted contents.
+    // 3. Insert in sorted order (the path stays cached), or rebuild from the merged sorted contents.
     if (!rebuild) {
-      nodes_.reserve(nodes_.size() + static_cast<size_t>(r));
-      for (size_t k = 0; k < m; ++k) {
-        if (!ok[k]) continue;
-        const Item& x = items[k];
-        insert_if_free(x.lo, x.hi, prio_of(x));  // free by steps 1-2
-      }
+      hot_.reserve(hot_.size() + r);
+      cold_.reserve(cold_.size() + r);
+      for (size_t k = 0; k < m; ++k)
+        if (ok[k]) disjoint_ ? insert_if_free(items[k].lo, items[k].hi) : insert_if_free_general(items[k].lo, items[k].hi);
       return;
     }
-    NodeVec all;
-    all.reserve(old.size() + static_cast<size_t>(r));
+    std::vector<Interval> all;
+    all.reserve(old.size() + r);
     j = 0;
     for (size_t k = 0; k < m; ++k) {
       if (!ok[k]) continue;
       const Item& x = items[k];
       for (; j < old.size() && old[j].lo < x.lo; ++j) all.push_back(old[j]);
-      all.push_back({x.lo, x.hi, x.hi, prio_of(x), -1, -1});
+      all.push_back({x.lo, x.hi});
     }
     all.insert(all.end(), old.begin() + static_cast<std::ptrdiff_t>(j), old.end());
-    build(std::move(all));
+    build(all);
   }
 
-  // Split subtree t into keys < key (l) and keys >= key (r), fixing max_end on the way back up.
-  // Recursion depth <= tree depth.
+  // Split subtree t into keys < key (l) and keys >= key (r), fixing max_end on the way back up. In a
+  // disjoint set max_end is the end of the subtree's last interval: a node that goes right keeps its right
+  // subtree and so its max_end, and one that goes left takes it from its new right child (or its own hi),
+  // so only the left-going nodes' cold halves are touched. Recursion depth <= tree depth.
   void split(int32_t t, int64_t key, int32_t& l, int32_t& r) {
     if (t < 0) {
       l = r = -1;
       return;
     }
-    // The pull(t) below reads the child that stays: fetch it now, while the recursion runs.
-    if (nodes_[t].lo < key) {
-      if (nodes_[t].left >= 0) __builtin_prefetch(&nodes_[nodes_[t].left].max_end);
+    Hot& n = hot_[t];
+    if (n.lo < key) {
+      if (!disjoint_ && n.left >= 0) __builtin_prefetch(&cold_[n.left]);  // pull(t) reads it
       l = t;
-      split(nodes_[t].right, key, nodes_[t].right, r);
+      split(n.right, key, n.right, r);
+      if (disjoint_)
+        cold_[t].max_end = n.right >= 0 ? cold_[n.right].max_end : cold_[t].hi;
+      else
+        pull(t);
     } else {
-      if (nodes_[t].right >= 0) __builtin_prefetch(&nodes_[nodes_[t].right].max_end);
+      if (!disjoint_ && n.right >= 0) __builtin_prefetch(&cold_[n.right]);
       r = t;
-      split(nodes_[t].left, key, l, nodes_[t].left);
+      split(n.left, key, l, n.left);
+      if (!disjoint_) pull(t);
     }
-    pull(t);
   }
 
   // Merge two treaps where every key of a is below every key of b, fixing max_end on the way back up.
   int32_t merge(int32_t a, int32_t b) {
     if (a < 0) return b;
     if (b < 0) return a;
-    if (outranks(nodes_[a], nodes_[b].prio, nodes_[b].lo)) {
-      nodes_[a].right = merge(nodes_[a].right, b);
+    if (outranks(a, prio_of(hot_[b].lo), hot_[b].lo)) {
+      hot_[a].right = merge(hot_[a].right, b);
       pull(a);
       return a;
     }
-    nodes_[b].left = merge(a, nodes_[b].left);
+    hot_[b].left = merge(a, hot_[b].left);
     pull(b);
     return b;
   }
 
   int32_t& link(int32_t parent, bool right) {
-    return parent < 0 ? root_ : (right ? nodes_[parent].right : nodes_[parent].left);
+    return parent < 0 ? root_ : (right ? hot_[parent].right : hot_[parent].left);
   }
 
-  // Insert node (lo, hi, prio) unless [lo, hi] overlaps the set; returns whether it did. One walk down the
-  // search path of lo tests for an overlap (see the top of the file) and finds the place of the new node:
-  // below the last node that outranks it. The nodes above that place gain hi in their subtrees; the
-  // subtree found there is split around lo into the new node's children.
-  bool insert_if_free(int64_t lo, int64_t hi, uint64_t prio) {
+  // A fresh node [lo, hi] with no children. May reallocate: take no references into hot_/cold_ across it.
+  int32_t new_node(int64_t lo, int64_t hi) {
+    int32_t x;
+    if (!free_.empty()) {
+      x = free_.back();
+      free_.pop_back();
+      hot_[x] = {lo, -1, -1};
+      cold_[x] = {hi, hi};
+    } else {
+      if (hot_.size() >= static_cast<size_t>(INT32_MAX)) throw std::length_error("IntervalSet: too many intervals");
+      x = static_cast<int32_t>(hot_.size());
+      hot_.push_back({lo, -1, -1});
+      cold_.push_back({hi, hi});
+    }
+    return x;
+  }
+
+  // Insert [lo, hi] into a disjoint set unless it overlaps; returns whether it did. One walk down the search
+  // path of lo finds the new node's place (below the last node that outranks it) and lo's predecessor and
+  // successor, reading only the hot halves; [lo, hi] is free iff pred.hi < lo and succ.lo > hi (see the top
+  // of the file). The max_end of an ancestor changes only if the new node becomes the last interval of its
+  // subtree: those ancestors are the trailing run of right turns above the place, and only when the new
+  // node gets no right subtree.
+  bool insert_if_free(int64_t lo, int64_t hi) {
+    const uint64_t prio = prio_of(lo);
+    int32_t t = root_, parent = -1, pred = -1, succ = -1, run = -1;
+    while (t >= 0) {  // the nodes that stay above the new one
+      const Hot& n = hot_[t];
+      if (!rank_gt(prio_of(n.lo), n.lo, prio, lo)) break;
+      parent = t;
+      if (n.lo > lo) {
+        succ = t;
+        run = -1;
+        t = n.left;
+      } else {
+        pred = t;
+        if (run < 0) run = t;
+        t = n.right;
+      }
+    }
+    const int32_t below = t;  // the subtree whose place the new node takes; the rest of the path is in it
+    while (t >= 0) {  // the split path: its cold halves are read or written below, so fetch them now
+      const Hot& n = hot_[t];
+      __builtin_prefetch(&cold_[t]);
+      if (n.lo > lo) {
+        succ = t;
+        t = n.left;
+      } else {
+        pred = t;
+        t = n.right;
+      }
+    }
+    if (pred >= 0 && cold_[pred].hi >= lo) return false;
+    if (succ >= 0 && hot_[succ].lo <= hi) return false;
+    const int32_t x = new_node(lo, hi);
+    int32_t l, r;
+    split(below, lo, l, r);
+    hot_[x].left = l;
+    hot_[x].right = r;
+    if (r >= 0)
+      cold_[x].max_end = cold_[r].max_end;
+    else  // the new interval is the last of every subtree on the run: it raises their max_end to hi
+      for (int32_t a = run; a >= 0 && a != below; a = hot_[a].right) cold_[a].max_end = hi;
+    link(parent, parent >= 0 && hot_[parent].lo <= lo) = x;
+    if (++size_ >= relayout_at_) relayout();
+    return true;
+  }
+
+  // The same for a set loaded with disjoint=false, where intervals may nest: the overlap test also needs the
+  // max_end of the left subtrees that the path passes on right turns (any of them may reach lo), and every
+  // node above the place whose max_end is below hi rises to hi.
+  bool insert_if_free_general(int64_t lo, int64_t hi) {
+    const uint64_t prio = prio_of(lo);
     int32_t t = root_, succ = -1, parent = -1, low = -1;
     // One step down the search path of lo; false if [lo, hi] overlaps the node or its left subtree.
-    auto step = [&](const Node& n) {
+    auto step = [&]() {
+      const Hot& n = hot_[t];
       if (n.lo > lo) {
         succ = t;
         t = n.left;
         return true;
       }
-      if (n.hi >= lo) return false;
-      // In a disjoint set the left subtree ends before n.lo <= lo, so only a set loaded with
-      // disjoint=false needs this test (and the prefetch that overlaps its miss with the right child's).
-      if (!disjoint_) {
-        if (n.right >= 0) __builtin_prefetch(&nodes_[n.right]);
-        if (n.left >= 0 && nodes_[n.left].max_end >= lo) return false;
-      }
+      if (cold_[t].hi >= lo) return false;
+      if (n.right >= 0) __builtin_prefetch(&hot_[n.right]);  // overlap its miss with the left child's
+      if (n.left >= 0 && cold_[n.left].max_end >= lo) return false;
       t = n.right;
       return true;
     };
-    while (t >= 0 && outranks(nodes_[t], prio, lo)) {  // the nodes that stay above the new one
-      const Node& n = nodes_[t];
-      if (low < 0 && n.max_end < hi) low = t;  // max_end never grows going down: from here on all are < hi
+    while (t >= 0 && outranks(t, prio, lo)) {  // the nodes that stay above the new one
+      if (low < 0 && cold_[t].max_end < hi) low = t;  // max_end never grows going down: from here on all are < hi
       parent = t;
-      if (!step(n)) return false;
+      if (!step()) return false;
     }
-    const int32_t below = t;  // the subtree whose place the new node takes; the rest of the path is in it
+    const int32_t below = t;
     while (t >= 0)
-      if (!step(nodes_[t])) return false;
-    if (succ >= 0 && nodes_[succ].lo <= hi) return false;
-    int32_t x;
-    if (!free_.empty()) {
-      x = free_.back();
-      free_.pop_back();
-    } else {
-      if (nodes_.size() >= static_cast<size_t>(INT32_MAX)) throw std::length_error("IntervalSet: too many intervals");
-      x = static_cast<int32_t>(nodes_.size());
-      nodes_.push_back({});  // may reallocate: take no references into nodes_ before this
-    }
-    nodes_[x] = {lo, hi, hi, prio, -1, -1};
-    // Raise max_end to hi on the nodes above the place that end below it (usually none: the stores would
-    // dirty every cache line on the path).
-    for (int32_t a = low; a >= 0 && a != below; a = nodes_[a].lo <= lo ? nodes_[a].right : nodes_[a].left)
-      nodes_[a].max_end = hi;
-    split(below, lo, nodes_[x].left, nodes_[x].right);
+      if (!step()) return false;
+    if (succ >= 0 && hot_[succ].lo <= hi) return false;
+    const int32_t x = new_node(lo, hi);
+    for (int32_t a = low; a >= 0 && a != below; a = hot_[a].lo <= lo ? hot_[a].right : hot_[a].left)
+      cold_[a].max_end = hi;
+    int32_t l, r;
+    split(below, lo, l, r);
+    hot_[x].left = l;
+    hot_[x].right = r;
     pull(x);
-    link(parent, parent >= 0 && nodes_[parent].lo <= lo) = x;
+    link(parent, parent >= 0 && hot_[parent].lo <= lo) = x;
     if (++size_ >= relayout_at_) relayout();
     return true;
   }
 
-  // Renumber the nodes in pre-order: a left child sits next to its parent and every subtree is contiguous,
-  // so a walk touches fewer cache lines and pages (~1.3x faster growth to 1M nodes here). Done each time
-  // the set doubles: O(n), amortized O(1) per insert. Only storage moves; the tree is the same.
+  // Renumber the nodes so that a walk touches few cache lines: the tree is cut into blocks of up to four
+  // nodes (a node, its children, then the first grandchild: the top of its subtree in breadth-first order)
+  // that each fill one 64-byte line of hot halves, so a walk reads about one line per two levels; a block
+  // smaller than four (a whole subtree of 1-3 nodes) goes into the current line only if it fits there
+  // whole, else the rest of that line stays free (its slots go to the free list). Blocks are laid out
+  // depth-first, left subtrees first, so every subtree stays contiguous (pages, prefetchers). Done each
+  // time the set grows by a quarter: O(n), amortized O(1) per insert. Only storage moves; the tree is the same.
   void relayout() {
-    NodeVec out;
-    out.reserve(std::max(nodes_.capacity(), size_));
+    HotVec hot;
+    ColdVec cold;
+    hot.reserve(std::max(hot_.capacity(), size_ + size_ / 4 + 4));
+    cold.reserve(std::max(cold_.capacity(), size_ + size_ / 4 + 4));
+    free_.clear();
     std::vector<std::pair<int32_t, int64_t>> stack;  // (old index, 2 * new index of its parent + side)
     if (root_ >= 0) stack.push_back({root_, -1});
     while (!stack.empty()) {
       auto [t, up] = stack.back();
       stack.pop_back();
-      int32_t k = static_cast<int32_t>(out.size());
-      out.push_back(nodes_[t]);
-      if (up < 0)
-        root_ = k;
-      else if (up & 1)
-        out[up >> 1].right = k;
-      else
-        out[up >> 1].left = k;
-      // Nodes appended since the last relayout sit far from their parents: start their misses early.
-      if (nodes_[t].right >= 0) {
-        __builtin_prefetch(&nodes_[nodes_[t].right]);
-        stack.push_back({nodes_[t].right, 2 * int64_t{k} + 1});
+      int32_t block[kLine];
+      int k = 1;
+      block[0] = t;
+      for (int i = 0; i < k && k < kLine; ++i)
+        for (int32_t c : {hot_[block[i]].left, hot_[block[i]].right})
+          if (c >= 0 && k < kLine) block[k++] = c;
+      if (hot.size() % kLine + static_cast<size_t>(k) > kLine)
+        while (hot.size() % kLine != 0) {  // leave the rest of the line free
+          free_.push_back(static_cast<int32_t>(hot.size()));
+          hot.push_back({0, -1, -1});
+          cold.push_back({0, 0});
+        }
+      const int32_t first = static_cast<int32_t>(hot.size());
+      for (int i = 0; i < k; ++i) {
+        hot.push_back(hot_[block[i]]);
+        cold.push_back(cold_[block[i]]);
       }
-      if (nodes_[t].left >= 0) {
-        __builtin_prefetch(&nodes_[nodes_[t].left]);
-        stack.push_back({nodes_[t].left, 2 * int64_t{k}});
+      if (up < 0)
+        root_ = first;
+      else if (up & 1)
+        hot[up >> 1].right = first;
+      else
+        hot[up >> 1].left = first;
+      // Children inside the block get their new index now; the others start blocks of their own, pushed
+      // in reverse so that they come out left to right.
+      for (int i = k - 1; i >= 0; --i) {
+        Hot& n = hot[first + i];
+        for (int side = 1; side >= 0; --side) {
+          int32_t& c = side ? n.right : n.left;
+          if (c < 0) continue;
+          const int32_t* at = std::find(block + 1, block + k, c);
+          if (at != block + k) {
+            c = first + static_cast<int32_t>(at - block);
+          } else {
+            __builtin_prefetch(&hot_[c]);  // nodes appended since the last relayout sit far from their parents
+            __builtin_prefetch(&cold_[c]);
+            stack.push_back({c, 2 * int64_t{first + i} + side});
+          }
+        }
       }
     }
-    nodes_.swap(out);
-    free_.clear();
-    relayout_at_ = std::max<size_t>(kFirstRelayout, 2 * size_);
+    hot_.swap(hot);
+    cold_.swap(cold);
+    relayout_at_ = std::max<size_t>(kFirstRelayout, size_ + size_ / 4);
   }
 
-  NodeVec in_order() const {
-    NodeVec out;
+  std::vector<Interval> in_order() const {
+    std::vector<Interval> out;
     out.reserve(size_);
     std::vector<int32_t> stack;
     int32_t t = root_;
     while (t >= 0 || !stack.empty()) {
-      for (; t >= 0; t = nodes_[t].left) stack.push_back(t);
+      for (; t >= 0; t = hot_[t].left) stack.push_back(t);
       t = stack.back();
       stack.pop_back();
-      out.push_back(nodes_[t]);
-      t = nodes_[t].right;
+      out.push_back({hot_[t].lo, cold_[t].hi});
+      t = hot_[t].right;
     }
     return out;
   }
 
-  // Rebuild from nodes sorted by lo in O(n): the stack construction of a Cartesian tree, which yields the
+  // Rebuild from intervals sorted by lo in O(n): the stack construction of a Cartesian tree, which yields the
   // unique treap of these (key, rank) pairs. Nodes end up stored in key order. A node popped off the right
   // spine has its final subtree (its right child was popped just before it), so max_end is set then, and
   // for the nodes left on the spine at the end, bottom up.
-  void build(NodeVec all) {
-    nodes_ = std::move(all);
+  void build(const std::vector<Interval>& all) {
+    const size_t n = all.size();
+    HotVec hot(n);
+    ColdVec cold(n);
+    std::vector<uint64_t> prio(n);
+    for (size_t k = 0; k < n; ++k) {
+      hot[k] = {all[k].lo, -1, -1};
+      cold[k] = {all[k].hi, all[k].hi};
+      prio[k] = prio_of(all[k].lo);
+    }
+    hot_.swap(hot);
+    cold_.swap(cold);
     free_.clear();
     std::vector<int32_t> spine;  // right spine of the tree built so far
-    for (size_t k = 0; k < nodes_.size(); ++k) {
+    for (size_t k = 0; k < n; ++k) {
       int32_t x = static_cast<int32_t>(k), last = -1;
-      nodes_[x].right = -1;
-      while (!spine.empty() && outranks(nodes_[x], nodes_[spine.back()].prio, nodes_[spine.back()].lo)) {
+      while (!spine.empty() && rank_gt(prio[k], all[k].lo, prio[spine.back()], all[spine.back()].lo)) {
         last = spine.back();
         spine.pop_back();
         pull(last);
       }
-      nodes_[x].left = last;
-      if (!spine.empty()) nodes_[spine.back()].right = x;
+      hot_[x].left = last;
+      if (!spine.empty()) hot_[spine.back()].right = x;
       spine.push_back(x);
     }
     for (auto it = spine.rbegin(); it != spine.rend(); ++it) pull(*it);
     root_ = spine.empty() ? -1 : spine.front();
-    size_ = nodes_.size();
+    size_ = n;
     relayout_at_ = std::max<size_t>(kFirstRelayout, 2 * size_);  // key order is already a local layout
   }
 };
@@ -716,8 +834,8 @@ PYBIND11_MODULE(_interval_set, m) {
       .def("depth", &Treap::depth)
       .def("arrays", &Treap::arrays)
       .def("structure", &Treap::structure)
-      .def("rng_state", &Treap::rng_state)
-      .def("load", &Treap::load, py::arg("los"), py::arg("his"), py::arg("prios"), py::arg("rng_state"),
+      .def("seed", &Treap::seed)
+      .def("load", &Treap::load, py::arg("los"), py::arg("his"), py::arg("seed"),
            py::arg("disjoint") = true)
       .def("check_invariants", &Treap::check_invariants, py::arg("disjoint") = true)
       .def("fast_methods", &fast_methods);

@@ -127,9 +127,33 @@ def test_same_calls_same_tree_and_order_independence(backend):
     a = IntervalSet(ivs, seed=5, backend=backend)
     b = IntervalSet(ivs, seed=5, backend=backend)
     assert a.structure() == b.structure()
+    # priorities hash lo, so the same contents in any order (with removes on the way) give the same tree
+    shuffled = ivs[::-1][::2] + [(-50, -40)] + ivs[::-1][1::2]
+    d = IntervalSet(shuffled, seed=5, backend=backend)
+    d.remove(-50, -40)
+    assert d.structure() == a.structure()
     # same set, other seed: equal as sets, different tree
     c = IntervalSet(ivs, seed=6, backend=backend)
     assert a == c and a.structure() != c.structure()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_priorities_are_a_seeded_hash_of_lo(backend):
+    """prio = splitmix64(splitmix64(seed + GAMMA) + lo * GAMMA) mod 2^64, written out here independently."""
+    mask, gamma = (1 << 64) - 1, 0x9E3779B97F4A7C15
+
+    def mix(z):
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    for seed in (0, 7, 2**64 - 1):
+        los = [-(2**63), -3, 0, 2, 12345, 2**40, 2**63 - 2]
+        s = IntervalSet([(lo, lo + 1) for lo in los], seed=seed, backend=backend)
+        key = mix((seed + gamma) & mask)
+        assert s.arrays()[2].tolist() == [mix((key + lo * gamma) & mask) for lo in los]
+        assert sorted(p for _, _, p in s.structure()) == sorted(s.arrays()[2].tolist())
+    assert IntervalSet([(0, 0)], seed=0, backend=backend).structure() == [(0, 0, mix(mix(gamma)))]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,6 +206,12 @@ def test_pickle_round_trip_keeps_tree_and_generator(backend):
     assert t.structure() == s.structure()
     empty = pickle.loads(pickle.dumps(IntervalSet(backend=backend)))
     assert len(empty) == 0 and empty.to_list() == [] and empty.depth() == 0
+    # a pickle state from before the hashed priorities ("rng" and "prios" instead of "seed") still loads
+    old = IntervalSet.__new__(IntervalSet)
+    los, his, prios = s.arrays()
+    old.__setstate__({"backend": backend, "rng": 9, "los": los, "his": his, "prios": prios})
+    assert old == s and old.structure() == IntervalSet(s, seed=9, backend=backend).structure()
+    old._check_invariants()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -208,7 +238,8 @@ def test_invariant_checker_catches_corruption():
         (leaf, {"max_end": leaf.max_end - 1}, "max_end of"),
         (leaf, {"prio": root.prio + 1}, "heap order: child"),
         (root, {"lo": -100}, "BST order"),
-        (leaf, {"hi": leaf.hi + 15, "max_end": leaf.hi + 15}, r"intervals \[0, 18\] and \[10, 13\] overlap"),
+        (leaf, {"hi": leaf.hi + 15, "max_end": leaf.hi + 15},
+         rf"intervals \[{leaf.lo}, {leaf.hi + 15}\] and \[{leaf.lo + 10}, {leaf.hi + 10}\] overlap"),
     ]:
         saved = {k: getattr(node, k) for k in changes}
         for k, v in changes.items():
@@ -231,9 +262,8 @@ def test_max_end_queries_on_overlapping_intervals(backend):
     rng = random.Random(7)
     starts = sorted(rng.sample(range(0, 2000), 150))
     items = [(a, a + (rng.randrange(0, 400) if rng.random() < 0.2 else rng.randrange(0, 15))) for a in starts]
-    prios = np.array([rng.getrandbits(64) for _ in items], dtype=np.uint64)
     s = IntervalSet(seed=1, backend=backend)
-    s._t.load(np.array([a for a, _ in items]), np.array([b for _, b in items]), prios, 99, disjoint=False)
+    s._t.load(np.array([a for a, _ in items]), np.array([b for _, b in items]), 99, disjoint=False)
     s._t.check_invariants(disjoint=False)
     assert any(b >= c for (_, b), (c, _) in zip(items, items[1:]))  # really overlapping
     with pytest.raises(RuntimeError, match=r"invariant broken: intervals \[\d+, \d+\] and \[\d+, \d+\] overlap"):
@@ -254,9 +284,9 @@ def test_max_end_queries_on_overlapping_intervals(backend):
         s._t.check_invariants(disjoint=False)
     assert s.to_list() == sorted(m.items)
     with pytest.raises(ValueError, match="sorted and disjoint"):
-        _PyTreap(0).load(np.array([0, 5]), np.array([6, 7]), np.array([1, 2], dtype=np.uint64), 0)
+        _PyTreap(0).load(np.array([0, 5]), np.array([6, 7]), 0)
     with pytest.raises(ValueError, match="strictly increasing start"):
-        s._t.load(np.array([0, 0]), np.array([6, 7]), np.array([1, 2], dtype=np.uint64), 0, disjoint=False)
+        s._t.load(np.array([0, 0]), np.array([6, 7]), 0, disjoint=False)
 
 
 @needs_cpp

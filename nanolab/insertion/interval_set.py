@@ -1,8 +1,9 @@
 """IntervalSet: disjoint closed int64 intervals [lo, hi] with O(log n) expected overlap tests and inserts.
 
-A treap: a binary search tree on lo that is also a max-heap on a random rank (prio, lo). prio is the next
-output of a seeded splitmix64 generator, drawn once per created node, so the same seed and the same calls
-give the same tree (a treap is unique given its (key, rank) pairs, whatever the insertion order).
+A treap: a binary search tree on lo that is also a max-heap on a pseudo-random rank (prio, lo). prio is a
+seeded hash of lo: prio = splitmix64(key + lo * GAMMA) with key = splitmix64(seed + GAMMA) (mod 2^64), so the
+same seed and the same contents give the same tree, whatever the order of the calls that built them (a treap
+is unique given its (key, rank) pairs), and the C++ backend need not store prio: it recomputes it from lo.
 
 Every node also carries max_end, the largest hi in its subtree: max_end = max(hi, left.max_end,
 right.max_end), kept exact by every insert, split, merge, remove and rebuild (a split/merge treap has no
@@ -44,7 +45,7 @@ _I64 = (-(1 << 63), (1 << 63) - 1)
 
 
 def splitmix64(z: int) -> int:
-    """splitmix64 output function; the generator is state += GAMMA (mod 2^64); out = splitmix64(state)."""
+    """splitmix64's output function, a 64-bit mixer: the treap priorities are splitmix64(key + lo * GAMMA)."""
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
@@ -140,13 +141,20 @@ class _PyTreap:
     def __init__(self, seed: int):
         self.root: _Node | None = None
         self.size = 0
-        self.rng = seed
+        self._set_seed(seed)
+
+    def _set_seed(self, seed: int) -> None:
+        self._seed, self._key = seed, splitmix64((seed + _GAMMA) & _MASK64)
 
     def __len__(self) -> int:
         return self.size
 
-    def rng_state(self) -> int:
-        return self.rng
+    def seed(self) -> int:
+        return self._seed
+
+    def prio(self, lo: int) -> int:
+        """The priority of an interval starting at lo: a seeded hash of lo (see the module docstring)."""
+        return splitmix64((self._key + lo * _GAMMA) & _MASK64)
 
     def _find(self, lo: int, hi: int) -> _Node | None:
         """The overlap of [lo, hi] with the smallest lo, or None: the classic interval-tree descent for the
@@ -174,11 +182,7 @@ class _PyTreap:
 
     def add_if_free(self, lo: int, hi: int) -> bool:
         lo, hi = _ints(lo, hi)
-        prio = splitmix64((self.rng + _GAMMA) & _MASK64)
-        if not self._insert_if_free(lo, hi, prio):
-            return False
-        self.rng = (self.rng + _GAMMA) & _MASK64  # the generator only advances on success
-        return True
+        return self._insert_if_free(lo, hi, self.prio(lo))
 
     def _insert_if_free(self, lo: int, hi: int, prio: int) -> bool:
         """Insert node (lo, hi, prio) unless [lo, hi] overlaps the set (see the module docstring); one walk
@@ -276,9 +280,8 @@ class _PyTreap:
             stack.extend(c for c in (t.right, t.left) if c is not None)
         return out
 
-    def load(self, los: np.ndarray, his: np.ndarray, prios: np.ndarray, rng_state: int,
-             disjoint: bool = True) -> None:
-        """Rebuild from sorted disjoint intervals with their priorities in O(n) (stack-built Cartesian tree).
+    def load(self, los: np.ndarray, his: np.ndarray, seed: int, disjoint: bool = True) -> None:
+        """Rebuild from sorted disjoint intervals, priorities from seed, in O(n) (stack-built Cartesian tree).
         disjoint=False only asks for strictly increasing starts (tests of the overlap queries on overlapping
         intervals; the IntervalSet API never makes such a tree)."""
         bad = np.flatnonzero(his < los)
@@ -287,8 +290,10 @@ class _PyTreap:
             i = int(bad[0])
             what = "sorted and disjoint" if disjoint else "sorted by strictly increasing start"
             raise ValueError(f"load: intervals must be valid, {what}; bad interval [{los[i]}, {his[i]}]")
+        self._set_seed(seed)
         spine: list[_Node] = []  # right spine of the tree built so far
-        for lo, hi, prio in zip(los.tolist(), his.tolist(), prios.tolist()):
+        for lo, hi in zip(los.tolist(), his.tolist()):
+            prio = self.prio(lo)
             x, last = _Node(lo, hi, prio), None
             while spine and (prio > spine[-1].prio or (prio == spine[-1].prio and lo > spine[-1].lo)):
                 last = spine.pop()
@@ -299,7 +304,7 @@ class _PyTreap:
             spine.append(x)
         for x in reversed(spine):
             _pull(x)
-        self.root, self.size, self.rng = (spine[0] if spine else None), len(los), rng_state
+        self.root, self.size = (spine[0] if spine else None), len(los)
 
     def check_invariants(self, disjoint: bool = True) -> None:
         """RuntimeError unless: in-order lo increasing with each lo > the previous hi (BST order; the latter
@@ -345,9 +350,9 @@ class IntervalSet:
     """A set of disjoint closed intervals [lo, hi] of int64.
 
     IntervalSet(intervals=None, *, seed=0, backend=None): intervals is an iterable of (lo, hi) added in
-    order (an overlap raises); seed (0 <= seed < 2^64) drives the treap priorities; backend is 'auto',
-    'python' or 'cpp' (None: $NANOLAB_INTERVAL_BACKEND, else 'auto'). Equality, hashing and iteration see
-    only the sorted intervals; pickling also keeps the tree and the generator state.
+    order (an overlap raises); seed (0 <= seed < 2^64) keys the hash that gives the treap priorities; backend
+    is 'auto', 'python' or 'cpp' (None: $NANOLAB_INTERVAL_BACKEND, else 'auto'). Equality, hashing and
+    iteration see only the sorted intervals; pickling also keeps the seed, and so the tree.
     """
 
     def __init__(self, intervals: Iterable[tuple[int, int]] | None = None, *, seed: int = 0,
@@ -448,10 +453,12 @@ class IntervalSet:
         return f"IntervalSet([{shown}], n={len(items)}, backend={self.backend!r})"
 
     def __getstate__(self) -> dict:
-        los, his, prios = self.arrays()
-        return {"backend": self.backend, "rng": int(self._t.rng_state()), "los": los, "his": his, "prios": prios}
+        los, his, _ = self.arrays()
+        return {"backend": self.backend, "seed": int(self._t.seed()), "los": los, "his": his}
 
     def __setstate__(self, state: dict) -> None:
         self.backend = state["backend"] if state["backend"] != "cpp" or _cpp is not None else "python"
         self._bind(_cpp.Treap(0) if self.backend == "cpp" else _PyTreap(0))
-        self._t.load(state["los"], state["his"], state["prios"], state["rng"])
+        # A pickle from before the hashed priorities has "rng" (its generator state) instead of "seed": the
+        # intervals come back, in a tree shaped by that number as the seed.
+        self._t.load(state["los"], state["his"], state["seed"] if "seed" in state else state["rng"])
