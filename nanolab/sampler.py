@@ -12,7 +12,9 @@ How a batch is run (R rows, N = max_new_tokens, P = longest prompt):
     sampling the B unique prompts are prefilled once and their cache rows copied n times (what
     KVCache.repeat_interleave does, written in place so a captured CUDA graph keeps reading the same buffers);
   - then N - 1 one-token decode steps. Each step is shape-static (the cache's write slot is a device tensor), so on
-    CUDA it is captured once in a CUDA graph and replayed; sampling runs outside the graph;
+    CUDA the whole step (forward, drawing the token, recording it, feeding it back) is captured once in a CUDA
+    graph and replayed; only the uniforms for sampling are drawn outside it (one launch), and the host syncs only
+    every `check_every` steps to see whether all rows are done;
   - a row that emits a stop token (or whose decoded text gains a stop string) is finished: its later tokens are
     `pad_id` with mask 0, it keeps being fed pad tokens (rows never interact), and the loop ends once all are done.
 
@@ -25,6 +27,7 @@ Log-probs of each sampled token are returned two ways:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 import weakref
@@ -109,21 +112,123 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     """
     if temperature == 0:
         return logits.argmax(-1), None
+    uniform = torch.rand(logits.shape, device=logits.device, generator=generator)
+    return _race(logits, temperature, top_k, top_p, uniform)
+
+
+def _race(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+          uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_logits with the (R, V) uniforms given: argmax_v q_v / E_v with E = -log U. Pure tensor ops, so
+    it runs inside a captured (and compiled) decode step; the uniforms are drawn outside it."""
     logq = torch.log_softmax(filter_logits(logits.float(), temperature, top_k, top_p), dim=-1)
     # E = -log U (faster than exponential_ on CPU); clamped > 0 so a zero-probability token is never 0/0 = NaN
-    e = torch.rand(logq.shape, device=logq.device, generator=generator).log_().neg_().clamp_(min=1e-30)
+    e = uniform.log().neg().clamp(min=1e-30)
     return (logq.exp() / e).argmax(-1), logq
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """How tokens are drawn and recorded: everything a captured step bakes in (the graph cache key)."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    want_lp: bool
+    stop_tokens: tuple[int, ...]
+    pad_id: int
+
+
+class _Record:
+    """The decode loop's device state, (R, N) for N = max_new_tokens, updated in place by `_advance` (so a
+    captured step can own it): tokens, mask, log-probs, the active rows, the step index t and the uniforms."""
+
+    def __init__(self, rows: int, max_new: int, vocab: int, rule: _Rule, device: torch.device):
+        self.tokens = torch.empty(rows, max_new, dtype=torch.long, device=device)
+        self.mask = torch.empty(rows, max_new, dtype=torch.bool, device=device)
+        self.lp = torch.empty(rows, max_new, dtype=torch.float32, device=device) if rule.want_lp else None
+        self.slp = torch.empty(rows, max_new, dtype=torch.float32, device=device) if rule.want_lp else None
+        self.active = torch.empty(rows, dtype=torch.bool, device=device)
+        self.t = torch.zeros(1, dtype=torch.long, device=device)
+        self.uniform = (torch.empty(rows, vocab, dtype=torch.float32, device=device) if rule.temperature > 0
+                        else None)
+        self.stop = (torch.tensor(rule.stop_tokens, dtype=torch.long, device=device) if rule.stop_tokens
+                     else None)
+        self.pad = torch.full((rows,), rule.pad_id, dtype=torch.long, device=device)
+        self.reset(rule.pad_id)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.tokens, self.mask, self.lp, self.slp, self.active, self.t) if t is not None]
+
+    def reset(self, pad_id: int) -> None:
+        self.tokens.fill_(pad_id)
+        self.mask.zero_()
+        for t in (self.lp, self.slp):
+            if t is not None:
+                t.zero_()
+        self.active.fill_(True)
+        self.t.zero_()
+
+    def draw_uniforms(self, generator: torch.Generator | None) -> None:
+        if self.uniform is not None:
+            self.uniform.uniform_(generator=generator)
+
+
+def _advance(logits: torch.Tensor, rec: _Record, rule: _Rule, next_idx: torch.Tensor) -> None:
+    """One decode step's bookkeeping, all on the device: draw token t of every row from logits (R, V), write
+    it (pad for finished rows) with its mask and log-probs at column rec.t, retire rows that emitted a stop
+    token, put the token into next_idx (R, 1), the next step's input, and advance rec.t."""
+    if rule.temperature == 0:
+        tok, logq = logits.argmax(-1), None
+    else:
+        tok, logq = _race(logits, rule.temperature, rule.top_k, rule.top_p, rec.uniform)
+    active = rec.active
+    tok = torch.where(active, tok, rec.pad)
+    rec.tokens.index_copy_(1, rec.t, tok[:, None])
+    rec.mask.index_copy_(1, rec.t, active[:, None])
+    if rule.want_lp:
+        plain = rule.temperature == 1.0 and rule.top_k is None and (rule.top_p is None or rule.top_p >= 1.0)
+        raw = logq if plain else torch.log_softmax(logits.float(), dim=-1)
+        rec.lp.index_copy_(1, rec.t, torch.where(active, raw.gather(1, tok[:, None])[:, 0], 0.0)[:, None])
+        if logq is not None:  # greedy: a point mass, log q = 0 (slp stays zero)
+            rec.slp.index_copy_(1, rec.t, torch.where(active, logq.gather(1, tok[:, None])[:, 0], 0.0)[:, None])
+    if rec.stop is not None:
+        active &= ~(tok[:, None] == rec.stop).any(-1)
+    next_idx.copy_(tok[:, None])
+    rec.t.add_(1)
+
+
 # --- the decode state: cache, static inputs, optional CUDA graph ----------------------------------------------------
+class _SingleRowLinear(torch.overrides.TorchFunctionMode):
+    """F.linear on a single row as y = sum_k x_k W[:, k] (+ b), written as a broadcast product and a sum.
+
+    Used inside a compiled batch-1 decode step: the compiler turns it into one reduction kernel per projection
+    that streams the weight (with the bias add fused), where the GEMM library's kernels are tuned for many rows
+    and take ~2x longer per call at one. Under autocast the operands are cast as autocast would cast them."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.numel() == x.shape[-1]:
+                if torch.is_autocast_enabled(x.device.type):
+                    amp = torch.get_autocast_dtype(x.device.type)
+                    x, w, b = x.to(amp), w.to(amp), None if b is None else b.to(amp)
+                y = (x.unsqueeze(-2) * w).sum(-1)
+                return y if b is None else y + b
+        return func(*args, **kwargs)
+
+
 class _Decoder:
     """A cache plus static (R, 1) input buffers for the token and its position; `step()` runs one decode step and
     returns the (R, V) logits.
 
-    With a CUDA graph the step is captured on first use and replayed afterwards: it reads `idx`, `pos`, the cache
-    buffers, `cache.valid` and `cache.pos` by address, so all of them are only ever updated in place. Without one
-    (CPU), each step attends to the written prefix of the cache only (a view of its first pos + 1 slots): the
-    cache is read from memory every step, so this saves up to half the attention time over a generation.
+    With a CUDA graph, a whole step (the model's forward on `idx` and `_advance`: drawing, recording and feeding
+    back the token) is captured once per sampling rule and replayed; only the uniforms are drawn outside it, so a
+    step costs two launches and no sync. The graph reads `idx`, `pos`, the cache buffers, `cache.valid`,
+    `cache.pos` and its `_Record` by address, so all of them are only ever updated in place. Without one (CPU),
+    each step attends to the written prefix of the cache only (a view of its first pos + 1 slots): the cache is
+    read from memory every step, so this saves up to half the attention time over a generation.
     """
 
     def __init__(self, model: CausalLM, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
@@ -133,67 +238,115 @@ class _Decoder:
         self.idx = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.use_graph = cuda_graph
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
+        self.compile = compile
+        self.graphs: dict[tuple[_Rule, int], tuple[object, _Record]] = {}  # (rule, max_new) -> (graph, record)
         self.in_use = False
         # which dim of each cache buffer indexes slots: the one that changes with max_len
         a, b = model._cache_layout(1, 2), model._cache_layout(1, 3)
         self.slot_dim = {k: next(i for i, (x, y) in enumerate(zip(a[k], b[k])) if x != y) for k in a}
         self.trim = device.type == "cpu"
-        # torch.compile fuses the step's many small kernels (norms, residual adds, GELU, rotary) into a few; with
-        # a CUDA graph on top, batch-1 decoding stops being bound by kernel count. Shapes are static, so it compiles
-        # once per decoder (slow: tens of seconds), which pays off for long or repeated generation.
-        self.step_fn = torch.compile(self._eager_step, dynamic=False) if compile else self._eager_step
+        # Under autocast a captured step would re-cast every float32 Linear weight to the autocast dtype at every
+        # step (autocast's cast cache must be off in a graph). Instead the graph reads low-precision copies,
+        # refreshed once per generate() call (`refresh_shadow`): the same values autocast would cast to, so the
+        # same results, without the per-step casts. Weights shared with an embedding stay (the lookup is not
+        # autocast). Plain models (float32 without autocast, or already bf16) have no shadow.
+        amp = _autocast_dtype(device)
+        self.shadow: dict[str, torch.Tensor] = {}
+        self._masters: list[torch.Tensor] = []
+        if cuda_graph and amp is not None:
+            tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+            for name, mod in model.named_modules():
+                if isinstance(mod, torch.nn.Linear):
+                    for pname, p in mod.named_parameters(recurse=False):
+                        if p.dtype != amp and p.is_floating_point() and id(p) not in tied:
+                            self.shadow[f"{name}.{pname}"] = torch.empty_like(p, dtype=amp)
+                            self._masters.append(p)
+        self.refresh_shadow()
 
     def prefix(self, n: int) -> KVCache:
         """A view of the cache's first n slots (writes go to the full cache; pos is shared)."""
         layers = [{k: buf.narrow(self.slot_dim[k], 0, n) for k, buf in layer.items()} for layer in self.cache.layers]
         return KVCache(layers, self.cache.valid[:, :n], self.cache.pos)
 
+    def refresh_shadow(self) -> None:
+        if self.shadow:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.shadow.values()), self._masters)
+
     def _eager_step(self, cache: KVCache | None = None) -> torch.Tensor:
-        logits, _ = self._model()(self.idx, cache=cache or self.cache, positions=self.pos, last_only=True)
+        model, kwargs = self._model(), dict(cache=cache or self.cache, positions=self.pos, last_only=True)
+        if self.shadow:
+            logits, _ = torch.func.functional_call(model, self.shadow, (self.idx,), kwargs)
+        else:
+            logits, _ = model(self.idx, **kwargs)
         self.pos.add_(1)
         return logits[:, -1]
 
-    def _capture(self) -> None:
-        # Warm up on a side stream (as the PyTorch CUDA-graph docs ask), undoing each step's pos advance; the
-        # warm-up writes slot `cache.pos`, which the real step overwrites before anything reads it.
+    def step(self) -> torch.Tensor:
+        """The model's forward for one token per row (eager), (R, V) logits."""
+        if self.trim:
+            return self._eager_step(self.prefix(int(self.cache.pos) + 1))
+        return self._eager_step()
+
+    def _full_step(self, rec: _Record, rule: _Rule) -> None:
+        with _SingleRowLinear() if self.compile and self.idx.shape[0] == 1 else contextlib.nullcontext():
+            logits = self._eager_step()
+        _advance(logits, rec, rule, self.idx)
+
+    def graph_for(self, rule: _Rule, max_new: int, vocab: int) -> tuple[object, _Record] | None:
+        """The captured step for this rule (captured on first use), or None when capture failed (then the
+        decoder stays eager)."""
+        key = (rule, max_new)
+        if key not in self.graphs:
+            rec = _Record(self.idx.shape[0], max_new, vocab, rule, self.idx.device)
+            try:
+                self.graphs[key] = (self._capture(rec, rule), rec)
+            except Exception as e:  # an op that cannot be captured: stay correct, run eagerly
+                warnings.warn(f"CUDA graph capture of the decode step failed ({e!r}); decoding eagerly", stacklevel=3)
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize()
+                self.use_graph = False
+                return None
+        return self.graphs[key]
+
+    def _capture(self, rec: _Record, rule: _Rule):
+        # torch.compile fuses the step's many small kernels (norms, residual adds, GELU, rotary, the sampling
+        # arithmetic) into a few; with a CUDA graph on top, batch-1 decoding stops being bound by kernel count.
+        # Shapes are static, so it compiles once per decoder and rule (slow: tens of seconds).
+        step = functools.partial(self._full_step, rec, rule)
+        if self.compile:
+            # At one row: coordinate-descent tuning of the generated kernels' launch configs (the GEMV
+            # reductions of _SingleRowLinear only stream their weights near memory bandwidth with it) and combo
+            # kernels (independent small kernels, e.g. the K and V cache writes, launched as one). H200,
+            # gpt2-124m, batch 1: step 426 -> 396 -> 353 us. Not at many rows: the char-GRPO rollout
+            # (128 rows) got slower with them (25.1 -> 26.0 ms with the tuning alone).
+            one_row = {"coordinate_descent_tuning": True, "combo_kernels": True}
+            step = torch.compile(step, dynamic=False, options=one_row if self.idx.shape[0] == 1 else None)
+        # Warm up on a side stream (as the PyTorch CUDA-graph docs ask), undoing everything each step changes;
+        # the warm-up writes slot `cache.pos`, which the real step overwrites before anything reads it.
         # Under autocast, its weight-cast cache must be off: a cached cast would be baked into the graph as a
         # pointer to a tensor freed when the caller's autocast region ends (and stale after optimizer steps).
         device = self.cache.pos.device
         amp = _autocast_dtype(device)
         no_cache = (torch.autocast(device.type, dtype=amp, cache_enabled=False) if amp is not None
                     else contextlib.nullcontext())
-        cache_pos, pos = self.cache.pos.clone(), self.pos.clone()
+        state = [self.cache.pos, self.pos, self.idx, *rec.tensors()]
+        saved = [t.clone() for t in state]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with no_cache:
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    self.step_fn()
-                    self.cache.pos.copy_(cache_pos)
-                    self.pos.copy_(pos)
+                    if rec.uniform is not None:
+                        rec.uniform.fill_(0.5)  # not from an RNG: capturing must not move any generator
+                    step()
+                    for t, s in zip(state, saved):
+                        t.copy_(s)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # recorded, not run: pos and the cache are untouched until replay
-                self.logits = self.step_fn()
-        self.graph = graph
-
-    def step(self) -> torch.Tensor:
-        if self.use_graph and self.graph is None:
-            try:
-                self._capture()
-            except Exception as e:  # an op that cannot be captured: stay correct, run eagerly
-                warnings.warn(f"CUDA graph capture of the decode step failed ({e!r}); decoding eagerly", stacklevel=3)
-                with contextlib.suppress(Exception):
-                    torch.cuda.synchronize()
-                self.use_graph, self.graph, self.logits = False, None, None
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        if self.trim:
-            return self._eager_step(self.prefix(int(self.cache.pos) + 1))
-        return self.step_fn()
+            with torch.cuda.graph(graph):  # recorded, not run: nothing changes until replay
+                step()
+        return graph
 
 
 # One reusable decoder per model (the latest shape), so repeated calls of one shape (RL iterations, benchmarks)
@@ -368,6 +521,7 @@ def _generate(model, prompts, max_new, temperature, top_k, top_p, stop_tokens, g
     dtype = _autocast_dtype(device) or model.lm_head.weight.dtype
     dec = _decoder_for(model, R, max_len, device, dtype, cuda_graph, compile)
     dec.in_use = True
+    dec.refresh_shadow()  # the weights may have changed since the last call (optimizer steps)
     try:
         # prefill: the B unique prompts into the first row of each group (a strided view), then copy that row's
         # slots into the group's other rows (KVCache.repeat_interleave, in place)
@@ -380,8 +534,10 @@ def _generate(model, prompts, max_new, temperature, top_k, top_p, stop_tokens, g
             _fill_groups(dec.prefix(P), n)
             logits = logits.repeat_interleave(n, dim=0)
         dec.pos.copy_(lens.repeat_interleave(n)[:, None])
-        return _decode_loop(dec, logits[:, -1], max_new, temperature, top_k, top_p, stop_tokens, generator,
-                            want_lp, stop_strings, decode, pad_id, on_token, check_every)
+        rule = _Rule(float(temperature), top_k if temperature else None, top_p if temperature else None,
+                     bool(want_lp), tuple(stop_tokens), pad_id)
+        return _decode_loop(dec, logits[:, -1], max_new, rule, generator, stop_strings, decode, on_token,
+                            check_every)
     finally:
         dec.in_use = False
 
@@ -400,41 +556,30 @@ def _fill_groups(cache: KVCache, n: int) -> None:
         g[:, 1:].copy_(g[:, :1])
 
 
-def _decode_loop(dec, logits, max_new, temperature, top_k, top_p, stop_tokens, generator, want_lp,
-                 stop_strings, decode, pad_id, on_token, check_every):
-    R, device = logits.shape[0], logits.device
-    tokens = torch.full((R, max_new), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(R, max_new, dtype=torch.bool, device=device)
-    lp = torch.zeros(R, max_new, dtype=torch.float32, device=device) if want_lp else None
-    slp = torch.zeros(R, max_new, dtype=torch.float32, device=device) if want_lp else None
-    active = torch.ones(R, dtype=torch.bool, device=device)
-    stop_t = torch.tensor(stop_tokens, dtype=torch.long, device=device) if stop_tokens else None
-    pad = torch.full((R,), pad_id, dtype=torch.long, device=device)
+def _decode_loop(dec, logits, max_new, rule: _Rule, generator, stop_strings, decode, on_token, check_every):
+    R, V, device = logits.shape[0], logits.shape[-1], logits.device
+    captured = dec.graph_for(rule, max_new, V) if dec.use_graph else None
+    if captured is None:
+        rec = _Record(R, max_new, V, rule, device)
+    else:
+        graph, rec = captured
+        rec.reset(rule.pad_id)
     # stop strings: host copies of active rows' tokens; a string ending in the newest token starts within its
     # last len(bytes) tokens (every token is >= 1 byte), so decoding that tail is enough
     window = max((len(s.encode()) for s in stop_strings), default=0) + 1
     history: list[list[int]] = [[] for _ in range(R)] if stop_strings else []
-    can_stop = stop_t is not None or bool(stop_strings)
+    can_stop = rec.stop is not None or bool(stop_strings)
 
-    tok = None
     for t in range(max_new):
-        if t > 0:
-            dec.idx.copy_(tok[:, None])
-            logits = dec.step()
-        tok, logq = sample_logits(logits, temperature, top_k, top_p, generator)
-        tok = torch.where(active, tok, pad)
-        tokens[:, t] = tok
-        mask[:, t] = active
-        if want_lp:
-            plain = temperature == 1.0 and top_k is None and (top_p is None or top_p >= 1.0)
-            raw = logq if plain else torch.log_softmax(logits.float(), dim=-1)
-            lp[:, t] = torch.where(active, raw.gather(1, tok[:, None])[:, 0], 0.0)
-            if logq is not None:  # greedy: a point mass, log q = 0 (slp stays zero)
-                slp[:, t] = torch.where(active, logq.gather(1, tok[:, None])[:, 0], 0.0)
-        if stop_t is not None:
-            active = active & ~(tok[:, None] == stop_t).any(-1)
+        rec.draw_uniforms(generator)
+        if t == 0:  # the first token comes from the prefill's logits
+            _advance(logits, rec, rule, dec.idx)
+        elif captured is not None:
+            graph.replay()
+        else:
+            _advance(dec.step(), rec, rule, dec.idx)
         if stop_strings:
-            act, toks = mask[:, t].tolist(), tok.tolist()
+            act, toks = rec.mask[:, t].tolist(), rec.tokens[:, t].tolist()
             done = []
             for r in range(R):
                 if act[r]:
@@ -443,10 +588,10 @@ def _decode_loop(dec, logits, max_new, temperature, top_k, top_p, stop_tokens, g
                     if any(s in tail for s in stop_strings):
                         done.append(r)
             if done:
-                active[done] = False
+                rec.active[done] = False
         if on_token is not None:
-            on_token(t, tok, mask[:, t])
-        if can_stop and (t + 1) % check_every == 0 and not bool(active.any()):
+            on_token(t, rec.tokens[:, t], rec.mask[:, t])
+        if can_stop and (t + 1) % check_every == 0 and not bool(rec.active.any()):
             break
-    stopped = ~active  # finished on a stop token / string (rows still active ran out of max_new_tokens)
-    return tokens, mask, stopped, lp, slp
+    stopped = ~rec.active  # finished on a stop token / string (rows still active ran out of max_new_tokens)
+    return rec.tokens, rec.mask, stopped, rec.lp, rec.slp

@@ -216,18 +216,19 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
 
     import nanolab.sampler as S
 
-    state = {}
+    import functools
+
+    state = {"captures": 0}
 
     class FakeGraph:
         def replay(self):
-            dec = state["dec"]
-            out = S._Decoder._eager_step(dec)
-            dec.logits.copy_(out)
+            self.step()
 
     @contextlib.contextmanager
     def fake_graph(graph):  # recording, not running: put back whatever the recorded step changed
-        dec = state["dec"]
-        tensors = [dec.cache.pos, dec.pos, dec.idx] + [b for layer in dec.cache.layers for b in layer.values()]
+        dec, rec = state["dec"], state["rec"]
+        tensors = [dec.cache.pos, dec.pos, dec.idx, *rec.tensors()]
+        tensors += [b for layer in dec.cache.layers for b in layer.values()]
         saved = [t.clone() for t in tensors]
         yield
         for t, s in zip(tensors, saved):
@@ -235,10 +236,11 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
 
     real_capture = S._Decoder._capture
 
-    def capture(self):
-        state["dec"] = self
-        state["captures"] = state.get("captures", 0) + 1
-        real_capture(self)
+    def capture(self, rec, rule):
+        state.update(dec=self, rec=rec, captures=state["captures"] + 1)
+        graph = real_capture(self, rec, rule)
+        graph.step = functools.partial(self._full_step, rec, rule)  # what the real graph would replay
+        return graph
 
     class FakeStream:
         def wait_stream(self, other):
@@ -259,11 +261,24 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
             tokens, mask, stopped, lp, slp = S._generate(
                 model, prompts, n, kw.get("temperature", 0), None, None, [], kw.get("generator"), True,
                 kw.get("group_size", 1), [], None, 0, (True, False), None, 1, torch.device("cpu"))
-        return tokens, lp
+        return tokens.clone(), lp.clone()  # generate() clones the reused buffers too
 
     with torch.autocast("cpu", dtype=torch.bfloat16):  # capture under autocast (its weight-cast cache switched off)
+        eager = generate(model, PROMPTS, 6, temperature=0, return_logprobs=True)
         tokens, lp = run(PROMPTS, 6)
     assert state["dec"].cache.layers[0]["k"].dtype == torch.bfloat16 and lp.dtype == torch.float32
+    # under autocast the captured step reads bf16 copies of the Linear weights (not the tied embedding/head)
+    assert state["dec"].shadow and "wte.weight" not in state["dec"].shadow
+    assert all(t.dtype == torch.bfloat16 for t in state["dec"].shadow.values())
+    assert torch.equal(tokens, eager.tokens)
+    torch.testing.assert_close(lp, eager.logprobs, atol=2e-2, rtol=0)
+    with torch.no_grad():  # an in-place update (an optimizer step) reaches the copies at the next call
+        model.lm_head.weight.neg_()  # untied in OLMo-2: shadowed
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens2, _ = run(PROMPTS, 6)  # the same decoder and graph
+        assert state["captures"] == 1
+        eager2 = generate(model, PROMPTS, 6, temperature=0)
+    assert torch.equal(tokens2, eager2.tokens) and not torch.equal(tokens2, tokens)
     cases = [(PROMPTS, 14, 1), ([[3, 4], [9], [1], [2, 2]], 14, 1), (PROMPTS[:2], 14, 2), (PROMPTS[:1], 20, 1)]
     refs = [generate(model, p, n, temperature=0, group_size=g, return_logprobs=True) for p, n, g in cases]
     release_decoder(model)
