@@ -13,6 +13,7 @@ rank 0 of 1 and the collectives are no-ops.
 from __future__ import annotations
 
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -117,6 +118,12 @@ def all_gather_object(obj) -> list:
 
 
 def cleanup() -> None:
-    """Destroy the process group if one exists (call in a finally: so errors also shut down cleanly)."""
+    """Destroy the process group if one exists (call in a finally: so errors also shut down cleanly).
+
+    On a normal exit the ranks first meet at a barrier, so no rank tears its gloo/NCCL state down while another
+    is still talking to it (under load, gloo could then abort a rank with "terminate called without an active
+    exception"). While an exception propagates there is no barrier: the other ranks may never arrive."""
     if is_distributed():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()

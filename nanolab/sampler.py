@@ -508,9 +508,11 @@ def _generate(model, prompts, max_new, temperature, top_k, top_p, stop_tokens, g
     idx = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])  # left-padded (B, P)
     n_pad = (P - lens)[:, None]
     slot = torch.arange(P)[None, :]
+    # every host-to-device copy before the first launch: a copy from pageable memory waits for the stream
     valid = (slot >= n_pad).to(device)
     positions = (slot - n_pad).clamp_min(0).to(device)
     idx = idx.to(device)
+    next_pos = lens.repeat_interleave(n)[:, None].to(device)  # each row's position after its prompt
 
     # The decode steps write slots P .. P + max_new - 2. With a CUDA graph, round the cache up to a multiple of 64
     # (within block_size) so calls with nearby prompt lengths reuse one captured graph.
@@ -533,7 +535,7 @@ def _generate(model, prompts, max_new, temperature, top_k, top_p, stop_tokens, g
         if n > 1:
             _fill_groups(dec.prefix(P), n)
             logits = logits.repeat_interleave(n, dim=0)
-        dec.pos.copy_(lens.repeat_interleave(n)[:, None])
+        dec.pos.copy_(next_pos)
         rule = _Rule(float(temperature), top_k if temperature else None, top_p if temperature else None,
                      bool(want_lp), tuple(stop_tokens), pad_id)
         return _decode_loop(dec, logits[:, -1], max_new, rule, generator, stop_strings, decode, on_token,

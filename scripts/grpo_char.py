@@ -339,13 +339,16 @@ def run(args) -> int:
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_iters, args.iters)
             set_lr(optimizer, lr)
             x, _ = next(positions)  # (B, P + H) real text
+            # to the device before the rollout: a copy from pageable memory waits for the stream, and after the
+            # rollout it would hold the host until the GPU finished it instead of letting it queue the update
+            x_dev = x.to(device)
             prompts = x[:, :P]
             with autocast:
                 gen = generate(raw_model, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, rank, step),
                                return_logprobs=args.partial_logprob != 0.0, group_size=G, compile=compile_decode)
             tokens, mask = gen.tokens, gen.mask  # (N, H), N = B * G
-            target = x[:, P:].to(device).repeat_interleave(G, 0)
-            seq = torch.cat([prompts.to(device).repeat_interleave(G, 0), tokens], 1)  # (N, P + H)
+            target = x_dev[:, P:].repeat_interleave(G, 0)
+            seq = torch.cat([x_dev[:, :P].repeat_interleave(G, 0), tokens], 1)  # (N, P + H)
 
             # --- 3-4. rewards and advantages ---
             match = char_match_rewards(tokens, target, args.reward_mode)

@@ -407,12 +407,13 @@ def run(args) -> int:
 
             # --- 1. rollouts ---
             x, _ = next(positions)  # (B, P + H) real text
+            x_dev = x.to(device)  # before the rollout (a pageable copy after it would wait for the GPU)
             prompts = x[:, :P]
             with autocast:
                 gen = generate(policy, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, rank, step))
             tokens, mask = gen.tokens, gen.mask  # (B, H); no stop tokens, so mask is all True
-            target = x[:, P:].to(device)
-            inp = torch.cat([prompts.to(device), tokens], 1)[:, :-1]  # (B, P + H - 1): predicts every gen char
+            target = x_dev[:, P:]
+            inp = torch.cat([x_dev[:, :P], tokens], 1)[:, :-1]  # (B, P + H - 1): predicts every gen char
 
             # --- 2. pi_old, V, reference: one no-grad forward ---
             with torch.no_grad(), autocast:
