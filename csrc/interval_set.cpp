@@ -26,11 +26,13 @@
 // Nodes link by int32 index (removed slots are reused) and are split in two parallel arrays: the hot halves
 // {lo, left, right} (16 bytes, four to a cache line) that the walk reads at every level, and the cold halves
 // {hi, max_end} that an insert reads or writes at a few nodes. Each time the set grows by a quarter,
-// relayout() renumbers the nodes so that a line holds the top of a subtree (a node, its children, a
-// grandchild): a walk of the ~2 ln n levels then reads about one line per two levels. On the 2-core dev VM
-// (whose L3 holds only a few MB: a pointer chase over 8 MB already misses) this took 1M add_if_free calls
-// from Python to 0.77-1.0 s best of 5, from 1.0-1.28 s in the same window with 40-byte nodes {lo, hi,
-// max_end, prio, left, right}, generator-drawn priorities and a pre-order layout when the set doubled.
+// relayout() renumbers the nodes so that a 256-byte aligned group of four lines holds the top of a subtree
+// (up to 16 nodes: ~4 levels), and the walk prefetches a group's other three lines as soon as it enters
+// one: a walk of the ~2 ln n levels then waits for about one memory latency per four levels. On the 2-core
+// dev VM (whose L3 holds only a few MB: a pointer chase over 8 MB already misses) this took 1M add_if_free
+// calls from Python to 0.75-0.77 s best of 5, from 0.91-1.03 s in the same window with one-line blocks of
+// 4 nodes (and 1.0-1.28 s before those, with 40-byte nodes {lo, hi, max_end, prio, left, right},
+// generator-drawn priorities and a pre-order layout when the set doubled).
 // The one-interval calls also come as METH_FASTCALL builtins (Treap.fast_methods(), bound per instance by
 // IntervalSet): pybind11's generic dispatcher costs ~0.09 us a call, a tenth of an insert into a 1M set.
 #include <pybind11/numpy.h>
@@ -104,7 +106,7 @@ struct HugePageAllocator {
   HugePageAllocator(const HugePageAllocator<U>&) {}
   T* allocate(size_t n) {
     const size_t bytes = n * sizeof(T);
-    const size_t align = bytes < kHuge ? 64 : kHuge;  // smaller blocks: cache-line aligned (relayout's blocks)
+    const size_t align = bytes < kHuge ? 256 : kHuge;  // smaller arrays: aligned to relayout's 256-byte blocks
     void* p = std::aligned_alloc(align, (bytes + align - 1) / align * align);
     if (!p) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
@@ -317,6 +319,16 @@ class Treap {
   bool disjoint_ = true;  // false only after load(disjoint=false)
   static constexpr size_t kFirstRelayout = 1 << 12;  // below this the nodes stay in cache anyway
   static constexpr size_t kLine = 64 / sizeof(Hot);  // hot halves per cache line
+  static constexpr size_t kBlockLines = 4;  // relayout's blocks: 256 aligned bytes, 16 hot halves
+  static constexpr size_t kBlock = kBlockLines * kLine;
+  // Request the other lines of t's block along with t's own, so that they all miss in parallel: one memory
+  // latency per block (~4 levels) instead of one per line (~2). Every step does it (three prefetch
+  // instructions, no branch); on cached lines it costs next to nothing. Addresses stay inside the
+  // allocation (whole aligned blocks), and a prefetch never faults anyway.
+  void prefetch_block(int32_t t) const {
+    const Hot* base = hot_.data();
+    for (size_t l = 1; l < kBlockLines; ++l) __builtin_prefetch(base + (static_cast<size_t>(t) ^ (l * kLine)));
+  }
   size_t relayout_at_ = kFirstRelayout;
 
   void set_seed(uint64_t seed) {
@@ -548,6 +560,7 @@ class Treap {
     const uint64_t prio = prio_of(lo);
     int32_t t = root_, parent = -1, pred = -1, succ = -1, run = -1;
     while (t >= 0) {  // the nodes that stay above the new one
+      prefetch_block(t);
       const Hot& n = hot_[t];
       if (!rank_gt(prio_of(n.lo), n.lo, prio, lo)) break;
       parent = t;
@@ -563,6 +576,7 @@ class Treap {
     }
     const int32_t below = t;  // the subtree whose place the new node takes; the rest of the path is in it
     while (t >= 0) {  // the split path: its cold halves are read or written below, so fetch them now
+      prefetch_block(t);
       const Hot& n = hot_[t];
       __builtin_prefetch(&cold_[t]);
       if (n.lo > lo) {
@@ -631,32 +645,39 @@ class Treap {
     return true;
   }
 
-  // Renumber the nodes so that a walk touches few cache lines: the tree is cut into blocks of up to four
-  // nodes (a node, its children, then the first grandchild: the top of its subtree in breadth-first order)
-  // that each fill one 64-byte line of hot halves, so a walk reads about one line per two levels; a block
-  // smaller than four (a whole subtree of 1-3 nodes) goes into the current line only if it fits there
-  // whole, else the rest of that line stays free (its slots go to the free list). Blocks are laid out
-  // depth-first, left subtrees first, so every subtree stays contiguous (pages, prefetchers). Done each
-  // time the set grows by a quarter: O(n), amortized O(1) per insert. Only storage moves; the tree is the same.
+  // Renumber the nodes so that a walk touches few cache lines: the tree is cut into blocks of up to 16 nodes
+  // (the top of a subtree in breadth-first order: a node, its children, grandchildren, great-grandchildren
+  // and one more) that each fill one 256-byte aligned group of four lines of hot halves; the walk requests
+  // a block's four lines together (prefetch_block), so it pays about one memory latency per four levels.
+  // A block smaller than 16 (a whole subtree of 1-15 nodes) goes into the current group only if it fits
+  // there whole, else the rest of that group stays free (its slots go to the free list, and new nodes fill
+  // them first). Blocks are laid out depth-first, left subtrees first, so every subtree stays contiguous
+  // (pages, prefetchers). Done each time the set grows by a quarter: O(n), amortized O(1) per insert (on
+  // the dev VM ~0.17 s of the ~0.75 s that 1M add_if_free calls take; relayouts at every 1.5x or 2x growth
+  // cost less but leave more nodes out of place, and came out slower). Only storage moves; the tree is the same.
   void relayout() {
     HotVec hot;
     ColdVec cold;
-    hot.reserve(std::max(hot_.capacity(), size_ + size_ / 4 + 4));
-    cold.reserve(std::max(cold_.capacity(), size_ + size_ / 4 + 4));
+    hot.reserve(std::max(hot_.capacity(), size_ + size_ / 2 + 16));
+    cold.reserve(std::max(cold_.capacity(), size_ + size_ / 2 + 16));
     free_.clear();
     std::vector<std::pair<int32_t, int64_t>> stack;  // (old index, 2 * new index of its parent + side)
     if (root_ >= 0) stack.push_back({root_, -1});
     while (!stack.empty()) {
       auto [t, up] = stack.back();
       stack.pop_back();
-      int32_t block[kLine];
+      int32_t block[kBlock];
       int k = 1;
       block[0] = t;
-      for (int i = 0; i < k && k < kLine; ++i)
+      for (int i = 0; i < k && k < static_cast<int>(kBlock); ++i)
         for (int32_t c : {hot_[block[i]].left, hot_[block[i]].right})
-          if (c >= 0 && k < kLine) block[k++] = c;
-      if (hot.size() % kLine + static_cast<size_t>(k) > kLine)
-        while (hot.size() % kLine != 0) {  // leave the rest of the line free
+          if (c >= 0 && k < static_cast<int>(kBlock)) {
+            __builtin_prefetch(&hot_[c]);  // read next round: siblings' misses overlap
+            __builtin_prefetch(&cold_[c]);
+            block[k++] = c;
+          }
+      if (hot.size() % kBlock + static_cast<size_t>(k) > kBlock)
+        while (hot.size() % kBlock != 0) {  // leave the rest of the block free
           free_.push_back(static_cast<int32_t>(hot.size()));
           hot.push_back({0, -1, -1});
           cold.push_back({0, 0});

@@ -121,6 +121,24 @@ def test_backends_build_identical_trees():
     assert py.depth() == cpp.depth() < 4 * np.log2(len(py))  # treap depth ~ 2 ln n
 
 
+@needs_cpp
+def test_cpp_relayouts_keep_the_tree():
+    """Many relayouts (every 1.25x growth, 16-node blocks with padding slots that later inserts and removes
+    reuse) move only storage: the tree stays the unique treap of its contents (= a fresh load of them)."""
+    rng = np.random.default_rng(5)
+    s = IntervalSet(seed=9, backend="cpp")
+    los = rng.integers(0, 1 << 40, 60_000)
+    added = []
+    for k, lo in enumerate(los.tolist()):
+        if s.add_if_free(lo, lo + k % 64):
+            added.append((lo, lo + k % 64))
+        if k % 5 == 4:  # free slots (padding and removed nodes) get reused by the next inserts
+            s.remove(*added.pop(int(rng.integers(len(added)))))
+    s._check_invariants()
+    assert len(s) == len(added) and s.to_list() == sorted(added)
+    assert s.structure() == pickle.loads(pickle.dumps(s)).structure()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_calls_same_tree_and_order_independence(backend):
     ivs = [(i * 10, i * 10 + 3) for i in range(200)]
