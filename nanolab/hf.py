@@ -62,6 +62,12 @@ def _olmo2_names(n_layer: int, tied: bool) -> dict[str, tuple[str, bool]]:
 
 
 # --- configs -----------------------------------------------------------------------------------------------------
+# GPT2Config.activation <-> transformers' activation_function ("gelu_new" and "gelu_pytorch_tanh" are both the tanh
+# approximation; "gelu" is the exact erf form)
+_GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
+_GPT2_ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
 def _hf_config(model: CausalLM) -> dict:
     c = model.config
     dtype = _DTYPE_NAMES.get(model.lm_head.weight.dtype, "float32")
@@ -69,7 +75,7 @@ def _hf_config(model: CausalLM) -> dict:
         eos = 50256 if c.vocab_size == 50257 else None  # GPT-2's <|endoftext|>, only with its own vocabulary
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
                 "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-                "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
+                "n_head": c.n_head, "n_inner": None, "activation_function": _GPT2_ACT_OUT[c.activation],
                 "layer_norm_epsilon": c.layer_norm_eps, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
                 "attn_pdrop": c.dropout, "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False, "tie_word_embeddings": True, "bos_token_id": eos,
@@ -105,7 +111,8 @@ def _our_config(hf: dict, path: str):
         raise ValueError(f"{path}: unsupported architecture {got}; supported: {', '.join(SUPPORTED)}")
     if arch == "GPT2LMHeadModel":
         n_embd = hf.get("n_embd", 768)
-        _require(hf, "activation_function", lambda v: v == "gelu_new", "activation_function='gelu_new'", path)
+        _require(hf, "activation_function", lambda v: v in _GPT2_ACT_IN,
+                 f"activation_function one of {sorted(_GPT2_ACT_IN)}", path)
         _require(hf, "n_inner", lambda v: v in (None, 4 * n_embd), f"n_inner=None or 4*n_embd={4 * n_embd}", path)
         _require(hf, "scale_attn_weights", lambda v: v is True, "scale_attn_weights=true", path)
         _require(hf, "scale_attn_by_inverse_layer_idx", lambda v: v is False,
@@ -115,6 +122,7 @@ def _our_config(hf: dict, path: str):
         _require(hf, "n_ctx", lambda v: v == block, f"n_ctx equal to n_positions={block}", path)
         return "gpt2", dict(vocab_size=hf.get("vocab_size", 50257), block_size=block, n_layer=hf.get("n_layer", 12),
                             n_head=hf.get("n_head", 12), n_embd=n_embd, bias=True,
+                            activation=_GPT2_ACT_IN[hf.get("activation_function", "gelu_new")],
                             layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
     # Olmo2ForCausalLM
     rope = hf.get("rope_parameters")

@@ -83,6 +83,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--dropout", type=float, default=0.0, help="dropout probability")
     a("--bias", choices=["true", "false"], default=None,
       help="GPT-2 only: biases in Linear and LayerNorm (default: the preset's, true; nanoGPT's default is false)")
+    a("--activation", choices=["gelu_tanh", "gelu"], default=None,
+      help="GPT-2 only: GELU's tanh approximation (GPT-2 as published, the default) or the exact erf GELU "
+           "(nanoGPT's; ~7%% faster training on a CPU)")
     a = p.add_argument_group("optimizer").add_argument
     a("--max_iters", type=int, default=2000, help="optimizer steps in total")
     a("--learning_rate", type=float, default=1e-3, help="peak learning rate")
@@ -122,6 +125,8 @@ def make_model_config(args, vocab_size: int):
     dims = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd", "block_size") if getattr(args, k)}
     if args.bias is not None:
         dims["bias"] = args.bias == "true"
+    if args.activation is not None:
+        dims["activation"] = args.activation
     return preset(name, vocab_size=args.vocab_size or vocab_size, dropout=args.dropout, **dims)
 
 

@@ -15,7 +15,8 @@ transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 GPT2_CASES = [dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16),
-              dict(n_layer=1, n_head=4, n_embd=64, vocab_size=257, block_size=24, layer_norm_eps=1e-6)]
+              dict(n_layer=1, n_head=4, n_embd=64, vocab_size=257, block_size=24, layer_norm_eps=1e-6),
+              dict(n_layer=2, n_head=2, n_embd=32, vocab_size=100, block_size=16, activation="gelu")]
 OLMO2_CASES = [dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, vocab_size=100, block_size=16, rope_theta=1000.0),
                dict(n_layer=2, n_head=4, n_embd=64, vocab_size=300, block_size=20, intermediate_size=96,
                     tie_embeddings=True, rms_norm_eps=1e-5),

@@ -1,5 +1,8 @@
 """GPT-2 as published: learned positions, pre-LayerNorm, GELU (tanh), fused qkv with biases, tied embedding/head.
 
+`activation="gelu"` switches the MLP to the exact (erf) GELU that nanoGPT uses; transformers calls the two
+"gelu_new" and "gelu". `bias=False` drops every bias, as nanoGPT's default config does.
+
 Module names follow transformers' GPT2LMHeadModel (c_attn, c_proj, c_fc, ln_1, ln_2, ln_f) so HF import/export is a
 rename plus a transpose of Conv1D weights; every projection is a plain nn.Linear that LoRA can wrap by name.
 """
@@ -26,6 +29,7 @@ class GPT2Config(ConfigBase):
     dropout: float = 0.0
     bias: bool = True
     layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # GELU's tanh approximation (GPT-2 as published) or "gelu", the exact erf form
 
     def __post_init__(self):
         if self.family != "gpt2":
@@ -33,6 +37,14 @@ class GPT2Config(ConfigBase):
         self._check_positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation not in GELU_APPROXIMATIONS:
+            raise ValueError(f"GPT2Config.activation must be one of {sorted(GELU_APPROXIMATIONS)}, "
+                             f"got {self.activation!r}")
+
+
+# activation -> F.gelu's `approximate`. On a CPU the exact form is ~3x faster forward and ~2x backward than the
+# tanh form (PyTorch 2.13, AVX-512): ~7% of a 4 x 128 char model's training step.
+GELU_APPROXIMATIONS = {"gelu_tanh": "tanh", "gelu": "none"}
 
 
 class GPT2Attention(nn.Module):
@@ -61,9 +73,10 @@ class GPT2MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.approximate = GELU_APPROXIMATIONS[cfg.activation]
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class GPT2Block(nn.Module):

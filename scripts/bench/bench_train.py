@@ -2,12 +2,13 @@
 
 CPU (default): nanoGPT's documented CPU recipe (4 layers, 4 heads, 128 wide, context 64, batch 12, 2000 iters,
 lr 1e-3 -> 1e-4, warmup 100, dropout 0, eval_iters 20) reaches val loss 1.886 in 90 s on a 2-core machine. We run
-the same recipe with our GPT-2 and our faster recipe(s) as train.py subprocesses (`--runs` each), report the
-median wall time (process start to exit, so startup, evals and the final checkpoint are included) and the val
-loss of the final checkpoint on a fixed, larger eval (200 seeded random batches of 12 windows, the same for all).
+the same recipe with our GPT-2 and our faster recipe(s) as train.py subprocesses, one per seed (`--seeds`), and
+report the median wall time (process start to exit, so startup, evals and the final checkpoint are included), the
+median of train.py's last in-run val estimate (20 batches: nanoGPT's estimator, the one its 1.886 is) and of the
+final checkpoint's val loss on a larger eval (200 seeded random batches of 12 windows, the same for all runs).
 
-    python scripts/bench/bench_train.py                       # CPU table, 3 runs per recipe
-    python scripts/bench/bench_train.py --runs 1 --recipes ours
+    python scripts/bench/bench_train.py                       # CPU table, seeds 1337, 1, 2 per recipe
+    python scripts/bench/bench_train.py --seeds 1337 --recipes olmo2-fast
 
 GPU: GPT-2 124M, context 1024, batch 12, bf16 autocast, torch.compile, fused AdamW: the train.py step (model,
 optimizer, autocast, clipping as train.py builds them) on synthetic tokens; reports tokens/s, MFU against
@@ -46,7 +47,13 @@ NANOGPT_RECIPE = ["--dataset", "char", "--batch_size", "12", "--block_size", "64
 
 RECIPES = {
     # name: (train.py flags, val-loss target, wall-time target as a fraction of nanoGPT's 90 s)
-    "gpt2-nanogpt-recipe": (["--model", "gpt2", "--bias", "false", *NANOGPT_RECIPE], 1.89, 1.0),
+    # Our GPT-2 with its biases (as published) and nanoGPT's exact GELU, under nanoGPT's recipe. The biases are
+    # worth ~0.015 nats here (200-batch eval, seeds 1337 / 1: 1.9114 / 1.8885 vs 1.9245 / 1.9142 without); the
+    # exact GELU is ~3x faster than the tanh form on this CPU and changes the loss by < 0.002.
+    "gpt2-nanogpt-recipe": (["--model", "gpt2", "--activation", "gelu", *NANOGPT_RECIPE], 1.89, 1.0),
+    # nanoGPT's model exactly (bias=False, exact GELU); not in the default run.
+    "gpt2-nanogpt-recipe-nobias": (["--model", "gpt2", "--bias", "false", "--activation", "gelu",
+                                    *NANOGPT_RECIPE], 1.89, 1.0),
     # Ours: the OLMo-2-style model (RoPE, QK-norm, SwiGLU, RMSNorm) trains stably at 3x the learning rate and
     # needs 900 steps instead of 2000 (single exploratory runs: 800 steps -> 1.858-1.878, 900 -> 1.824-1.853
     # on the 200-batch eval; GPT-2 at lr 2e-3 for 1250 steps only got 1.950). One eval, at the end.
@@ -73,7 +80,8 @@ def final_val_loss(run_dir: Path, batches: int = 200, batch_size: int = 12, seed
 
 
 def bench_cpu(args) -> None:
-    names = args.recipes.split(",") if args.recipes else list(RECIPES)
+    names = args.recipes.split(",")
+    seeds = [int(x) for x in args.seeds.split(",")]
     unknown = [n for n in names if n not in RECIPES]
     if unknown:
         raise SystemExit(f"unknown recipe(s) {unknown}; known: {', '.join(RECIPES)}")
@@ -85,9 +93,9 @@ def bench_cpu(args) -> None:
         for name in names:
             flags, _, _ = RECIPES[name]
             walls, losses, in_runs = [], [], []
-            for i in range(args.runs):
+            for i, seed in enumerate(seeds):
                 out = Path(tmp) / f"{name}-{i}"
-                cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *flags, "--device", "cpu",
+                cmd = [sys.executable, str(REPO / "scripts" / "train.py"), *flags, "--device", "cpu", "--seed", str(seed),
                        "--sample_len", "0", "--log_interval", "250", "--out_dir", str(out), "--keep_last", "1"]
                 env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
                 t0 = time.perf_counter()
@@ -101,21 +109,23 @@ def bench_cpu(args) -> None:
                 walls.append(wall)
                 losses.append(loss)
                 in_runs.append(in_run)
-                print(f"  {name} run {i}: {wall:.1f} s, val loss {loss:.4f} (in-run estimate {in_run:.4f})",
+                print(f"  {name} seed {seed}: {wall:.1f} s, val loss {loss:.4f} (in-run estimate {in_run:.4f})",
                       flush=True)
             results[name] = {"wall_s": statistics.median(walls), "val_loss": statistics.median(losses),
-                             "in_run_val_loss": statistics.median(in_runs), "walls": walls, "losses": losses}
+                             "in_run_val_loss": statistics.median(in_runs), "walls": walls, "losses": losses,
+                             "in_runs": in_runs, "seeds": seeds}
 
-    print(f"\nCPU, {args.threads or torch.get_num_threads()} threads, medians of {args.runs} run(s). Baseline nanoGPT: val loss "
-          f"{NANOGPT_CPU['val_loss']} (its in-run 20-batch estimate) in {NANOGPT_CPU['wall_s']:.0f} s.\n"
-          "val loss = final checkpoint on 200 x 12 seeded windows; in-run = train.py's last 20-batch estimate.")
-    print(f"{'recipe':<22} {'wall s':>7} {'x nanoGPT':>10} {'val loss':>9} {'in-run':>7} {'target':>18} {'ok':>4}")
+    print(f"\nCPU, {args.threads or torch.get_num_threads()} threads, medians over seeds {seeds}. Baseline nanoGPT: "
+          f"val loss {NANOGPT_CPU['val_loss']} (its in-run 20-batch estimate) in {NANOGPT_CPU['wall_s']:.0f} s.\n"
+          "in-run = train.py's last 20-batch estimate (nanoGPT's estimator, what the target is judged on); "
+          "200-batch = the final checkpoint on 200 x 12 seeded windows (the same for every run; ~0.01 steadier).")
+    print(f"{'recipe':<27} {'wall s':>7} {'x nanoGPT':>10} {'in-run':>7} {'200-batch':>9} {'target':>18} {'ok':>4}")
     for name, r in results.items():
         _, loss_target, time_frac = RECIPES[name]
         ratio = r["wall_s"] / NANOGPT_CPU["wall_s"]
-        ok = r["val_loss"] <= loss_target and ratio <= time_frac
+        ok = r["in_run_val_loss"] <= loss_target and ratio <= time_frac
         target = f"<={loss_target} in <={time_frac * NANOGPT_CPU['wall_s']:.0f}s"
-        print(f"{name:<22} {r['wall_s']:>7.1f} {ratio:>10.2f} {r['val_loss']:>9.4f} {r['in_run_val_loss']:>7.4f} "
+        print(f"{name:<27} {r['wall_s']:>7.1f} {ratio:>10.2f} {r['in_run_val_loss']:>7.4f} {r['val_loss']:>9.4f} "
               f"{target:>18} {'yes' if ok else 'NO':>4}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -195,8 +205,10 @@ def bench_gpu(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (recipe table) or cuda (throughput)")
-    p.add_argument("--runs", type=int, default=3, help="CPU: runs per recipe (median reported)")
-    p.add_argument("--recipes", default=None, help=f"CPU: comma-separated subset of {', '.join(RECIPES)}")
+    p.add_argument("--seeds", default="1337,1,2",
+                   help="CPU: one run per seed and recipe; medians of wall time and losses (default: %(default)s)")
+    p.add_argument("--recipes", default="gpt2-nanogpt-recipe,olmo2-fast",
+                   help=f"CPU: comma-separated, of {', '.join(RECIPES)} (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: OMP_NUM_THREADS for the runs (default: torch's, one per core; 1 is far faster on a "
                         "machine shared with other jobs)")
