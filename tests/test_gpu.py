@@ -71,3 +71,20 @@ def test_bf16_autocast_training_step_decreases_loss():
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_autocast_graph_reads_bf16_weight_copies_refreshed_per_call():
+    """Under autocast the captured step reads bf16 copies of the Linear weights (no per-step casts): the same
+    tokens as eager autocast decoding, and an in-place weight update reaches the copies at the next call."""
+    torch.manual_seed(0)
+    model = build_model(preset("olmo2-char-tiny", block_size=96)).cuda().eval()
+    prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6]]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = generate(model, prompts, 30, temperature=0.0, cuda_graph=False)
+        graph = generate(model, prompts, 30, temperature=0.0, cuda_graph=True)
+        assert torch.equal(graph.tokens, eager.tokens)
+        with torch.no_grad():
+            model.lm_head.weight.neg_()  # untied in OLMo-2, so it has a bf16 copy
+        graph2 = generate(model, prompts, 30, temperature=0.0, cuda_graph=True)  # the same decoder and graph
+        eager2 = generate(model, prompts, 30, temperature=0.0, cuda_graph=False)
+    assert torch.equal(graph2.tokens, eager2.tokens) and not torch.equal(graph2.tokens, graph.tokens)
