@@ -239,6 +239,7 @@ class _Decoder:
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.use_graph = cuda_graph
         self.compile = compile
+        self.single_row = compile and rows == 1  # compiled batch-1 decoding: GEMV linears, tuned kernels
         self.graphs: dict[tuple[_Rule, int], tuple[object, _Record]] = {}  # (rule, max_new) -> (graph, record)
         self.in_use = False
         # which dim of each cache buffer indexes slots: the one that changes with max_len
@@ -250,7 +251,7 @@ class _Decoder:
         # refreshed once per generate() call (`refresh_shadow`): the same values autocast would cast to, so the
         # same results, without the per-step casts. Weights shared with an embedding stay (the lookup is not
         # autocast). Plain models (float32 without autocast, or already bf16) have no shadow.
-        amp = _autocast_dtype(device)
+        self.amp = amp = _autocast_dtype(device)  # part of the registry key below, so fixed per decoder
         self.shadow: dict[str, torch.Tensor] = {}
         self._masters: list[torch.Tensor] = []
         if cuda_graph and amp is not None:
@@ -289,7 +290,7 @@ class _Decoder:
         return self._eager_step()
 
     def _full_step(self, rec: _Record, rule: _Rule) -> None:
-        with _SingleRowLinear() if self.compile and self.idx.shape[0] == 1 else contextlib.nullcontext():
+        with _SingleRowLinear() if self.single_row else contextlib.nullcontext():
             logits = self._eager_step()
         _advance(logits, rec, rule, self.idx)
 
@@ -321,14 +322,13 @@ class _Decoder:
             # gpt2-124m, batch 1: step 426 -> 396 -> 353 us. Not at many rows: the char-GRPO rollout
             # (128 rows) got slower with them (25.1 -> 26.0 ms with the tuning alone).
             one_row = {"coordinate_descent_tuning": True, "combo_kernels": True}
-            step = torch.compile(step, dynamic=False, options=one_row if self.idx.shape[0] == 1 else None)
+            step = torch.compile(step, dynamic=False, options=one_row if self.single_row else None)
         # Warm up on a side stream (as the PyTorch CUDA-graph docs ask), undoing everything each step changes;
         # the warm-up writes slot `cache.pos`, which the real step overwrites before anything reads it.
         # Under autocast, its weight-cast cache must be off: a cached cast would be baked into the graph as a
         # pointer to a tensor freed when the caller's autocast region ends (and stale after optimizer steps).
         device = self.cache.pos.device
-        amp = _autocast_dtype(device)
-        no_cache = (torch.autocast(device.type, dtype=amp, cache_enabled=False) if amp is not None
+        no_cache = (torch.autocast(device.type, dtype=self.amp, cache_enabled=False) if self.amp is not None
                     else contextlib.nullcontext())
         state = [self.cache.pos, self.pos, self.idx, *rec.tensors()]
         saved = [t.clone() for t in state]

@@ -211,7 +211,7 @@ def test_backend_selection(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pickle_round_trip_keeps_tree_and_generator(backend):
+def test_pickle_round_trip_keeps_tree_and_seed(backend):
     rng = np.random.default_rng(1)
     los = rng.integers(-(2**62), 2**62, 500)
     s = IntervalSet(seed=9, backend=backend)

@@ -213,10 +213,9 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
     warm-up undone, capture not executed (state restored), replay = re-running the step into the static output,
     and a decoder reused across calls of different prompt lengths and groups."""
     import contextlib
+    import functools
 
     import nanolab.sampler as S
-
-    import functools
 
     state = {"captures": 0}
 
