@@ -164,6 +164,21 @@ def step_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def _portable(opt_state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict without what only one run's device setup needs: a learning rate held in a device
+    tensor and the CUDA-graph `capturable` flag (nanolab.optim.make_capturable) are saved as a number and False,
+    so the checkpoint resumes on any device; a graphed run makes its optimizer capturable again after loading."""
+    groups = []
+    for group in opt_state["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+        if group.get("capturable"):
+            group["capturable"] = False
+        groups.append(group)
+    return {**opt_state, "param_groups": groups}
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
                     keep_last: int | None = None) -> Path:
@@ -197,7 +212,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
         _fsync_path(tmp / MODEL_FILE)
         if optimizer is not None:
             with open(tmp / OPTIM_FILE, "wb") as f:
-                torch.save(optimizer.state_dict(), f)
+                torch.save(_portable(optimizer.state_dict()), f)
                 f.flush()
                 os.fsync(f.fileno())
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:  # written last: the folder's completion mark

@@ -177,7 +177,7 @@ def grpo_loss(
     *,
     logp_ref: Tensor | None = None,
     kl: Tensor | None = None,
-    beta: float = 0.0,
+    beta: float | Tensor = 0.0,
     kl_estimator: str = "k3",
     eps_low: float = 0.2,
     eps_high: float | None = None,
@@ -192,7 +192,9 @@ def grpo_loss(
     REINFORCE with these advantages, gradient -A * grad logp per token.
         l_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t) + beta * KL_t,   rho_t = exp(logp - logp_old)
     KL_t is kl_estimate(logp, logp_ref, kl_estimator), or the given per-token tensor `kl` (B, T) (e.g. exact
-    categorical_kl over the vocabulary). eps_high defaults to eps_low (DAPO's clip-higher sets it larger).
+    categorical_kl over the vocabulary). beta may be a 0-d tensor (a compiled caller whose beta changes every
+    step then compiles once; a tensor beta always adds its term, also when it holds 0). eps_high defaults to
+    eps_low (DAPO's clip-higher sets it larger).
     Aggregation (loss_type):
         "grpo":    mean over each sequence's active tokens, then mean over the B sequences
         "bnpo":    sum over active tokens / number of active tokens (local batch)
@@ -208,7 +210,8 @@ def grpo_loss(
         raise ValueError(f"advantages shape {tuple(advantages.shape)} must be (B,) or (B, T) for logp {tuple(logp.shape)}")
     if logp_ref is not None and kl is not None:
         raise ValueError("pass either logp_ref or kl, not both")
-    if beta != 0.0 and logp_ref is None and kl is None:
+    use_kl = isinstance(beta, Tensor) or beta != 0.0
+    if use_kl and logp_ref is None and kl is None:
         raise ValueError(f"beta={beta} needs logp_ref or a per-token kl tensor")
     if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
         raise ValueError(f"unknown loss_type {loss_type!r}; expected grpo, bnpo, dr_grpo or dapo")
@@ -224,7 +227,7 @@ def grpo_loss(
         kl = kl_estimate(logp, torch.where(m, _float(logp_ref), 0.0), kl_estimator)
     if kl is not None:
         kl = torch.where(m, _float(kl), 0.0)
-        if beta != 0.0:
+        if use_kl:
             per_tok = per_tok + beta * kl
 
     B, T = logp.shape

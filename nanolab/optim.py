@@ -31,14 +31,34 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
-                device_type: str = "cpu", fused: bool | None = None, eps: float = 1e-8) -> torch.optim.AdamW:
+                device_type: str = "cpu", fused: bool | None = None, eps: float = 1e-8,
+                capturable: bool = False) -> torch.optim.AdamW:
     """AdamW over param_groups(model, weight_decay); by default the fused implementation on CUDA and CPU (one
-    kernel per step instead of several per tensor: ~3x less optimizer time on the tiny CPU models), else foreach."""
+    kernel per step instead of several per tensor: ~3x less optimizer time on the tiny CPU models), else foreach.
+
+    capturable=True (CUDA parameters): step() may be captured in a CUDA graph (nanolab.graphs.GraphedStep);
+    see make_capturable."""
     if not lr > 0:
         raise ValueError(f"learning rate must be positive, got {lr!r}")
     if fused is None:
         fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+    if capturable:
+        make_capturable(opt)
+    return opt
+
+
+def make_capturable(optimizer: torch.optim.Optimizer) -> None:
+    """Let optimizer.step() be captured in a CUDA graph: every group capturable, and the learning rate one
+    device tensor shared by the groups (what the captured step reads; set_lr fills it in place). Call it again
+    after optimizer.load_state_dict, which restores the saved flags and a plain-number learning rate."""
+    device = optimizer.param_groups[0]["params"][0].device
+    if device.type != "cuda":
+        raise ValueError(f"a capturable optimizer needs CUDA parameters, got {device}")
+    lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), dtype=torch.float32, device=device)
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        group["lr"] = lr
 
 
 def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:
@@ -59,5 +79,9 @@ def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate; a tensor learning rate (make_capturable) is filled in place."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import random
 import sys
 import time
@@ -61,6 +62,7 @@ from nanolab.checkpoint import (  # noqa: E402
     step_dirs,
 )
 from nanolab.data import BatchIterator, load_tokens, prepare_shakespeare  # noqa: E402
+from nanolab.graphs import GraphedStep  # noqa: E402
 from nanolab.losses import (  # noqa: E402
     categorical_kl,
     group_advantages,
@@ -70,7 +72,7 @@ from nanolab.losses import (  # noqa: E402
     token_logprobs,
 )
 from nanolab.models import FAMILIES, PRESETS, build_model  # noqa: E402
-from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
+from nanolab.optim import build_adamw, lr_at, make_capturable, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards, reward_to_go  # noqa: E402
 from nanolab.rl import initial_char_policy, kl_coef_at, rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
@@ -143,7 +145,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
       help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
     a("--compile", action="store_true",
-      help="torch.compile the policy for the update and, on CUDA, the sampler's decode step (compiles once)")
+      help="torch.compile the policy and the loss for the update and, on CUDA, the sampler's decode step "
+           "(compiles once)")
+    a("--graph_update", action=argparse.BooleanOptionalAction, default=None,
+      help="replay the update (forward, loss, backward, clipping, AdamW step) from one CUDA graph after 2 eager "
+           "iterations: its hundreds of small kernel launches, which the host cannot issue as fast as the GPU "
+           "runs them, become one (default: on when training on one CUDA device; needs CUDA and no DDP)")
     args = p.parse_args(argv)
     for name in ("horizon", "prompt_len", "batch_size", "group_size", "ppo_epochs", "log_interval", "val_windows"):
         if getattr(args, name) < 1:
@@ -184,6 +191,32 @@ def compute_advantages(rewards: torch.Tensor, group_size: int, credit: str, gamm
         raise ValueError(f"credit must be 'token' or 'return', got {credit!r}")
     R = rewards.float() if credit == "token" else reward_to_go(rewards, gamma, mask)
     return group_advantages(R, group_size, normalize=None if adv_norm == "none" else adv_norm, mask=mask)
+
+
+def score_rollouts(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor | None,
+                   *, group_size: int, reward_mode: str, partial_logprob: float, credit: str, gamma: float,
+                   adv_norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 3-4 for one batch of rollouts: advantages (N, H), and the logged means (3,) = (match reward,
+    shaped reward, |A|) over active tokens. tokens, target, mask: (N, H); logprobs (N, H) or None."""
+    match = char_match_rewards(tokens, target, reward_mode)
+    rewards = token_rewards(tokens, target, logprobs, reward_mode, partial_logprob)
+    adv = compute_advantages(rewards, group_size, credit, gamma, adv_norm, mask)
+    return adv, torch.stack([masked_mean(match, mask), masked_mean(rewards, mask), masked_mean(adv.abs(), mask)])
+
+
+def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Tensor, logp_old: torch.Tensor | None,
+                adv: torch.Tensor, mask: torch.Tensor, beta: torch.Tensor, n_tokens: torch.Tensor | None, *,
+                clip_eps: float, clip_eps_high: float | None, loss_type: str,
+                horizon: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step 5 from the policy's logits (N, H, V) at the generated positions and the reference's (N, H, V):
+    the GRPO loss with the exact per-position KL, log pi(gen_t) (N, H) detached (pi_old of later epochs;
+    logp_old None: this is the first epoch, rho = 1), and the logged means (3,) = (KL, entropy, clip fraction)."""
+    logp = token_logprobs(logits, tokens)
+    kl = categorical_kl(logits, ref_logits)
+    loss, stats = grpo_loss(logp, logp_old, adv, mask, kl=kl, beta=beta, eps_low=clip_eps, eps_high=clip_eps_high,
+                            loss_type=loss_type, max_len=horizon, num_active_tokens_global=n_tokens)
+    logged = torch.stack([stats["kl_mean"], masked_mean(token_entropy(logits.detach()), mask), stats["clip_frac"]])
+    return loss, logp.detach(), logged
 
 
 # ----------------------------------------------------------------------------- training
@@ -235,7 +268,13 @@ def run(args) -> int:
         reference = (copy.deepcopy(model) if resume_from is None
                      else initial_char_policy(args, V, tokenizer, config=cfg.to_dict()))
         reference.to(device).eval().requires_grad_(False)
-    optimizer = build_adamw(model, args.lr, args.weight_decay, (0.9, 0.99), device.type)
+    if args.graph_update is None:
+        args.graph_update = device.type == "cuda" and not ddp
+    if args.graph_update and (device.type != "cuda" or ddp):
+        raise ValueError(f"--graph_update needs one CUDA device without DDP (device {device}, world size "
+                         f"{world_size}); pass --no-graph_update")
+    optimizer = build_adamw(model, args.lr, args.weight_decay, (0.9, 0.99), device.type,
+                            capturable=args.graph_update)
     positions = BatchIterator(train_data, args.batch_size, P + H, args.seed, rank, world_size, "cpu")
     torch.manual_seed(args.seed + rank)
 
@@ -247,6 +286,8 @@ def run(args) -> int:
             print(f"warning: resuming with world_size={world_size}, batch_size={args.batch_size}, the checkpoint "
                   f"used {saved['world_size']}, {saved['args']['batch_size']}: the position stream continues but "
                   "will not match the uninterrupted run", file=sys.stderr)
+        if args.graph_update:
+            make_capturable(optimizer)  # loading restored the saved (portable) learning rate and flags
         positions.load_state_dict(saved["data"])
         rngs = saved.get("rng") or []
         if len(rngs) == world_size:
@@ -264,6 +305,15 @@ def run(args) -> int:
         model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     compile_decode = args.compile and device.type == "cuda"  # the sampler compiles only a CUDA-graph step
+    # compiled, steps 3-5's ~200 small eager kernels (forward + backward) become a few fused ones
+    maybe_compile = torch.compile if args.compile else (lambda fn: fn)
+    score = functools.partial(maybe_compile(score_rollouts), group_size=G, reward_mode=args.reward_mode,
+                              partial_logprob=args.partial_logprob, credit=args.credit, gamma=args.gamma,
+                              adv_norm=args.adv_norm)
+    loss_fn = functools.partial(maybe_compile(policy_loss), clip_eps=args.clip_eps, clip_eps_high=args.clip_eps_high,
+                                loss_type=args.loss_type, horizon=H)
+    beta_t = torch.zeros((), device=device)  # the KL coefficient as a tensor: changing it does not recompile
+    # (and a CUDA graph of the update reads its current value)
     chars_per_iter = args.batch_size * G * H * world_size
     val_x, val_y = val_windows(val_data, args.val_windows, P + H)
     val_x, val_y = val_x.to(device), val_y.to(device)
@@ -302,6 +352,28 @@ def run(args) -> int:
     names = ["reward", "reward_shaped", "kl", "entropy", "loss", "clip_frac", "adv_abs"]
     acc = torch.zeros(len(names), device=device)
     bad = torch.zeros((), device=device)
+
+    # no autocast weight-cast cache in a graph: it would hand the graph casts made before the optimizer steps
+    update_autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
+                       if args.dtype == "bfloat16" else nullcontext())
+
+    def update(seq, tokens, ref_logits, logp_old, adv, mask, n_tokens):
+        """Step 5, one epoch: forward, loss, backward, clipping, AdamW step. Returns the loss, log pi(gen_t)
+        (N, H) and the logged means of policy_loss; counts a non-finite loss or gradient norm in `bad`."""
+        with update_autocast:
+            logits = train_model(seq[:, :-1])[0][:, P - 1:]  # (N, H, V): predicts each generated char
+        loss, logp, loss_stats = loss_fn(logits, tokens, ref_logits, logp_old, adv, mask, beta_t, n_tokens)
+        loss.backward()
+        bad.add_((~torch.isfinite(loss.detach())).float())
+        if args.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+            bad.add_((~torch.isfinite(norm)).float())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().float(), logp, loss_stats
+
+    if args.graph_update:
+        update = GraphedStep(update, warmup=2)
     n_acc, t_train, n_train = 0, 0.0, 0
     t_last = time.perf_counter()
 
@@ -351,9 +423,7 @@ def run(args) -> int:
             seq = torch.cat([x_dev[:, :P].repeat_interleave(G, 0), tokens], 1)  # (N, P + H)
 
             # --- 3-4. rewards and advantages ---
-            match = char_match_rewards(tokens, target, args.reward_mode)
-            rewards = token_rewards(tokens, target, gen.logprobs, args.reward_mode, args.partial_logprob)
-            adv = compute_advantages(rewards, G, args.credit, args.gamma, args.adv_norm, mask)
+            adv, reward_stats = score(tokens, target, mask, gen.logprobs)
 
             # --- 5. update: one batched forward per epoch, exact KL to the reference at every position ---
             with torch.no_grad(), autocast:
@@ -362,30 +432,17 @@ def run(args) -> int:
                 else:
                     ref_logits = reference(seq[:, :-1])[0][:, P - 1:]
             beta = kl_coef_at(chars_seen, args.beta_kl, args.kl_warmup_tokens)
+            beta_t.fill_(beta)
             n_tokens = None
             if args.loss_type == "dapo":  # global active-token count, divided by world size (DDP averages grads)
                 n_tokens = dist.all_reduce_mean(mask.sum().float()) if ddp else mask.sum()
             logp_old = None
             for epoch in range(args.ppo_epochs):
-                with autocast:
-                    logits = train_model(seq[:, :-1])[0][:, P - 1:]  # (N, H, V): predicts each generated char
-                logp = token_logprobs(logits, tokens)
-                kl = categorical_kl(logits, ref_logits)
+                loss, logp, loss_stats = update(seq, tokens, ref_logits, logp_old, adv, mask, n_tokens)
                 if epoch == 0:
-                    logp_old = logp.detach()  # the sampling policy (pre-update) for every epoch's ratio
-                    first = (masked_mean(kl.detach(), mask), masked_mean(token_entropy(logits.detach()), mask))
-                loss, stats = grpo_loss(logp, logp_old, adv, mask, kl=kl, beta=beta, eps_low=args.clip_eps,
-                                        eps_high=args.clip_eps_high, loss_type=args.loss_type, max_len=H,
-                                        num_active_tokens_global=n_tokens)
-                loss.backward()
-                if args.grad_clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-                    bad.add_((~torch.isfinite(norm)).float())
-                bad.add_((~torch.isfinite(loss.detach())).float())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            acc += torch.stack([masked_mean(match, mask), masked_mean(rewards, mask), first[0], first[1],
-                                loss.detach().float(), stats["clip_frac"].float(), masked_mean(adv.abs(), mask)])
+                    logp_old = logp  # the sampling policy (pre-update) for every epoch's ratio
+                    first = loss_stats  # KL and entropy of the sampling policy
+            acc += torch.cat([reward_stats[:2], first[:2], loss[None], loss_stats[2:], reward_stats[2:]])
             n_acc += 1
             step += 1
             chars_seen += chars_per_iter

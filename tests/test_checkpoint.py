@@ -11,7 +11,7 @@ import torch
 
 from nanolab import checkpoint as ck
 from nanolab.models import build_model, preset
-from nanolab.optim import build_adamw, lr_at, param_groups
+from nanolab.optim import build_adamw, lr_at, param_groups, set_lr
 from nanolab.tracking import Tracker, read_metrics, truncate_metrics
 
 
@@ -54,6 +54,27 @@ def test_roundtrip_tied_weights_and_optimizer(tmp_path):
     m3, tok, st = ck.load_model_for_inference(path)
     assert not m3.training and tok.decode([0, 1]) == "ab" and st["step"] == 7
     assert torch.equal(m3.wte.weight, model.wte.weight)
+
+
+def test_optimizer_saved_portable_and_tensor_lr(tmp_path):
+    """A CUDA-graph run's optimizer holds its learning rate in a tensor and is `capturable`: set_lr fills the
+    tensor in place, and the checkpoint stores a plain number and capturable=False (resumable on any device)."""
+    model = tiny()
+    opt = trained(model)
+    lr = torch.tensor(1.0)
+    for g in opt.param_groups:  # what make_capturable does on CUDA
+        g["lr"], g["capturable"] = lr, True
+    set_lr(opt, 2.5e-3)
+    assert all(g["lr"] is lr for g in opt.param_groups) and lr.item() == pytest.approx(2.5e-3)
+    ck.save_checkpoint(tmp_path, 1, model, opt, {})
+    saved = torch.load(tmp_path / "step000001" / ck.OPTIM_FILE, weights_only=True)
+    assert [(type(g["lr"]), g["capturable"]) for g in saved["param_groups"]] == [(float, False)] * 2
+    assert [g["lr"] for g in saved["param_groups"]] == pytest.approx([2.5e-3] * 2)
+    assert all(g["lr"] is lr and g["capturable"] for g in opt.param_groups)  # the live optimizer is untouched
+    opt2 = build_adamw(tiny(), 1e-2, 0.1)
+    ck.load_checkpoint(tmp_path, tiny(), opt2)
+    set_lr(opt2, 1e-3)
+    assert [g["lr"] for g in opt2.param_groups] == [1e-3, 1e-3]
 
 
 def test_untied_family_roundtrip(tmp_path):

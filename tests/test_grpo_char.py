@@ -32,10 +32,6 @@ def grpo():
     return mod
 
 
-
-
-
-
 def rows(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -55,8 +51,13 @@ def test_help(grpo, capsys):
     assert "characters seen" in out and "batch_size x group_size x horizon" in out
     for flag in ("--horizon", "--group_size", "--reward_mode", "--partial_logprob", "--reference", "--beta_kl",
                  "--kl_warmup_tokens", "--ppo_epochs", "--clip_eps", "--credit", "--gamma", "--loss_type",
-                 "--init_from", "--resume", "--wandb", "--compile"):
+                 "--init_from", "--resume", "--wandb", "--compile", "--graph_update"):
         assert flag in out
+
+
+def test_graph_update_needs_cuda(grpo, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--graph_update needs one CUDA device"):
+        grpo.main([*TINY, "--iters", "1", "--device", "cpu", "--graph_update", "--out_dir", str(tmp_path / "g")])
 
 
 def test_rewards_by_hand(grpo):

@@ -250,6 +250,10 @@ def test_grpo_loss_matches_reference(loss_type, kl_kind):
     assert math.isclose(stats["clip_frac"].item(), clipped.double().mean().item(), rel_tol=1e-10)
     assert math.isclose(stats["kl_mean"].item(), kl[m].mean().item(), rel_tol=1e-10)
     assert not any(v.requires_grad for v in stats.values())
+    # beta as a 0-d tensor (what a compiled caller passes) gives the same loss
+    loss_t, _ = L.grpo_loss(logp, logp_old, adv, m, beta=torch.tensor(beta, dtype=torch.float64), eps_low=el,
+                            eps_high=eh, loss_type=loss_type, **kw, **extra)
+    assert math.isclose(loss_t.item(), ref, rel_tol=1e-10)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
