@@ -26,6 +26,10 @@ One iteration, per rank:
      --kl_warmup_tokens characters seen. --ppo_epochs > 1 repeats the update on the same rollouts with
      rho = pi / pi_old (pi_old: the policy that sampled them).
 
+On one CUDA device the update of step 5 (forward, loss, backward, clipping, AdamW step) is captured in a CUDA graph
+after two eager iterations and replayed (nanolab/graphs.py; --no-graph_update to launch it eagerly): a small
+model's update is hundreds of tiny kernels whose launches would otherwise bound the iteration by the host's speed.
+
 "characters seen" = generated characters = batch_size x group_size x horizon x world_size per iteration. The
 held-out validation cross-entropy (nats/char) is teacher-forced on a fixed set of val windows of prompt_len +
 horizon characters, so GRPO can be compared with supervised training (scripts/train.py) at equal characters seen
