@@ -6,11 +6,13 @@ Skipped where there is no CUDA device (CI's machines have none); run on a GPU ma
 """
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nanolab.graphs import GraphedStep
 from nanolab.models import build_model, preset
@@ -131,25 +133,39 @@ def test_graphed_training_step_equals_eager_steps():
         assert torch.equal(a, b), name
 
 
+def _grpo_char_cuda(out, *flags):
+    cmd = [sys.executable, str(REPO / "scripts" / "grpo_char.py"), "--batch_size", "8", "--horizon", "16",
+           "--log_interval", "1", "--val_windows", "8", "--device", "cuda", "--out_dir", str(out), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_weights(out):
+    return load_file(str(out / (out / "latest").read_text().strip() / "model.safetensors"))
+
+
+def test_grpo_char_graph_update_resumes_exactly(tmp_path):
+    """With the update replayed from a CUDA graph, checkpoints mid-run (eval, sample and save between replays) and
+    a resumed run (optimizer loaded, made capturable again, graph re-captured) end bitwise where an uninterrupted
+    run of the same length ends."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    _grpo_char_cuda(full, "--iters", "8", "--eval_interval", "4")
+    _grpo_char_cuda(part, "--iters", "4", "--eval_interval", "4")
+    _grpo_char_cuda(part, "--iters", "8", "--eval_interval", "4", "--resume")
+    w_full, w_part = _final_weights(full), _final_weights(part)
+    assert all(torch.equal(w_full[k], w_part[k]) for k in w_full)
+
+
 def test_grpo_char_graph_update_equals_eager_update(tmp_path):
     """scripts/grpo_char.py with the update replayed from a CUDA graph logs the same metrics and ends with the same
     weights as with --no-graph_update (the same kernels, eagerly launched)."""
-    import subprocess
-
-    from safetensors.torch import load_file
-
     runs = {}
+    keep = ("reward", "kl", "entropy", "loss", "clip_frac", "adv_abs", "val_ce")
     for flag in ("--graph_update", "--no-graph_update"):
         out = tmp_path / flag.strip("-")
-        cmd = [sys.executable, str(REPO / "scripts" / "grpo_char.py"), "--iters", "6", "--batch_size", "8",
-               "--horizon", "16", "--log_interval", "1", "--eval_interval", "0", "--val_windows", "8",
-               "--ppo_epochs", "2", "--device", "cuda", "--out_dir", str(out), flag]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        keep = ("reward", "kl", "entropy", "loss", "clip_frac", "adv_abs", "val_ce")
-        step_dir = out / (out / "latest").read_text().strip()
-        runs[flag] = ([{k: r[k] for k in keep if k in r} for r in rows], load_file(str(step_dir / "model.safetensors")))
+        rows = _grpo_char_cuda(out, "--iters", "6", "--eval_interval", "0", "--ppo_epochs", "2", flag)
+        runs[flag] = ([{k: r[k] for k in keep if k in r} for r in rows], _final_weights(out))
     (rows_g, w_g), (rows_e, w_e) = runs["--graph_update"], runs["--no-graph_update"]
     assert len(rows_g) == len(rows_e) >= 7
     assert rows_g == rows_e
