@@ -3,6 +3,7 @@
     groups = param_groups(model, weight_decay=0.1)      # decay only the 2-D weights of nn.Linear
     opt = build_adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99), device_type="cuda")
     for g in opt.param_groups: g["lr"] = lr_at(step, ...)   # the schedule is a pure function of the step
+    loss.backward(); clip_and_step(opt, model.parameters(), grad_clip=1.0, bad=bad)
 """
 
 from __future__ import annotations
@@ -59,6 +60,19 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         group["capturable"] = True
         group["lr"] = lr
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, params, grad_clip: float,
+                  bad: torch.Tensor | None = None) -> None:
+    """The end of every update: clip the global gradient norm to grad_clip (0: no clipping), step, set the
+    gradients to None. A non-finite norm adds 1 to `bad` (a device tensor: no host sync here; the caller checks
+    it when it logs). No host sync at all, so it can run inside a captured CUDA graph."""
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if bad is not None:
+            bad.add_((~torch.isfinite(norm)).float())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:

@@ -68,7 +68,7 @@ from nanolab.checkpoint import (  # noqa: E402
 from nanolab.data import BatchIterator, load_tokens, prepare_shakespeare  # noqa: E402
 from nanolab.losses import group_advantages, grpo_loss, masked_mean, token_entropy, token_logprobs  # noqa: E402
 from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
-from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
+from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, char_match_rewards, reward_to_go  # noqa: E402
 from nanolab.rl import rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate, release_decoder  # noqa: E402
@@ -612,11 +612,7 @@ def run(args) -> int:
                                                      stats.get("kl_mean", torch.zeros((), device=device)).float(),
                                                      ent])
                         bad.add_((~torch.isfinite(loss.detach())).float())
-                    if args.grad_clip > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-                        bad.add_((~torch.isfinite(norm)).float())
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, bad)
 
             lengths = gen.lengths.float()
             adv_tok = adv if adv.dim() == 2 else adv[:, None].expand(N, M)

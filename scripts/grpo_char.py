@@ -76,7 +76,7 @@ from nanolab.losses import (  # noqa: E402
     token_logprobs,
 )
 from nanolab.models import FAMILIES, PRESETS, build_model  # noqa: E402
-from nanolab.optim import build_adamw, lr_at, make_capturable, set_lr  # noqa: E402
+from nanolab.optim import build_adamw, clip_and_step, lr_at, make_capturable, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards, reward_to_go  # noqa: E402
 from nanolab.rl import initial_char_policy, kl_coef_at, rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
@@ -369,11 +369,7 @@ def run(args) -> int:
         loss, logp, loss_stats = loss_fn(logits, tokens, ref_logits, logp_old, adv, mask, beta_t, n_tokens)
         loss.backward()
         bad.add_((~torch.isfinite(loss.detach())).float())
-        if args.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-            bad.add_((~torch.isfinite(norm)).float())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, bad)
         return loss.detach().float(), logp, loss_stats
 
     if args.graph_update:

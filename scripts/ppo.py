@@ -79,7 +79,7 @@ from nanolab.losses import (  # noqa: E402
     whiten,
 )
 from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict  # noqa: E402
-from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
+from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr  # noqa: E402
 from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards  # noqa: E402
 from nanolab.rl import initial_char_policy, kl_coef_at, rollout_seed, val_windows  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
@@ -456,12 +456,8 @@ def run(args) -> int:
                     if args.ent_coef > 0:
                         loss = loss - args.ent_coef * masked_mean(token_entropy(new_logits), m)
                     loss.backward()
-                    if args.grad_clip > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(ac.parameters(), args.grad_clip)
-                        bad.add_((~torch.isfinite(norm)).float())
                     bad.add_((~torch.isfinite(loss.detach())).float())
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    clip_and_step(optimizer, ac.parameters(), args.grad_clip, bad)
                     stat += torch.stack([pg_loss.detach().float(), vf_loss.detach().float(),
                                          pstats["clip_frac"].float(), vstats["vf_clip_frac"].float(),
                                          pstats["approx_kl"].float()])

@@ -76,7 +76,7 @@ from nanolab.insertion.build import BuildReport, InsertionSource, build_insertio
 from nanolab.insertion.dataset import PretrainData  # noqa: E402
 from nanolab.insertion.insertion_map import InsertionMap  # noqa: E402
 from nanolab.models import PRESETS, build_model, config_from_dict, preset  # noqa: E402
-from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
+from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr  # noqa: E402
 from nanolab.tokenizers import load_tokenizer  # noqa: E402
 from nanolab.tracking import Tracker  # noqa: E402
 
@@ -834,10 +834,7 @@ def train(cfg: ExperimentConfig, run_dir: Path, resume: bool, overrides: list[st
                     train_model.require_backward_grad_sync = m == accum - 1
                 step_loss += forward_backward(train_model, x, y, 1.0 / accum, autocast)
             poisoner.noise = None
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            clip_and_step(optimizer, raw_model.parameters(), t.grad_clip)
             if entries:
                 trained_log.write("".join(json.dumps(e) + "\n" for e in entries))
                 trained_log.flush()

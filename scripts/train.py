@@ -44,7 +44,7 @@ from nanolab.checkpoint import (  # noqa: E402
 )
 from nanolab.data import BatchIterator, load_tokens, prepare_shakespeare  # noqa: E402
 from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict, preset  # noqa: E402
-from nanolab.optim import build_adamw, lr_at, set_lr  # noqa: E402
+from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr  # noqa: E402
 from nanolab.tracking import H100_BF16_PEAK_FLOPS, Diverged, Tracker, mfu  # noqa: E402
 
 
@@ -306,12 +306,8 @@ def run(args) -> int:
                     _, loss = train_model(x, y)
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.detach().float()
-            if args.grad_clip > 0:
-                norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-                bad.add_((~torch.isfinite(norm)).float())
             bad.add_((~torch.isfinite(step_loss)).float())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, bad)
             step += 1
             steps_since_log += 1
             tracker.update(1)

@@ -11,7 +11,7 @@ import torch
 
 from nanolab import checkpoint as ck
 from nanolab.models import build_model, preset
-from nanolab.optim import build_adamw, lr_at, param_groups, set_lr
+from nanolab.optim import build_adamw, clip_and_step, lr_at, param_groups, set_lr
 from nanolab.tracking import Tracker, read_metrics, truncate_metrics
 
 
@@ -75,6 +75,21 @@ def test_optimizer_saved_portable_and_tensor_lr(tmp_path):
     ck.load_checkpoint(tmp_path, tiny(), opt2)
     set_lr(opt2, 1e-3)
     assert [g["lr"] for g in opt2.param_groups] == [1e-3, 1e-3]
+
+
+def test_clip_and_step():
+    """Clipping to the global norm (or not, at 0), one step, gradients set to None, non-finite norms counted."""
+    for clip, moved in ((1.0, 1.0), (0.0, 5.0)):
+        w = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([w], lr=1.0)
+        w.grad = torch.tensor([3.0, 4.0])  # norm 5
+        bad = torch.zeros(())
+        clip_and_step(opt, [w], clip, bad)
+        assert w.grad is None and bad.item() == 0
+        assert torch.linalg.vector_norm(w.detach()).item() == pytest.approx(moved, rel=1e-5)
+    w.grad = torch.tensor([float("nan"), 1.0])
+    clip_and_step(opt, [w], 1.0, bad)
+    assert bad.item() == 1
 
 
 def test_untied_family_roundtrip(tmp_path):
