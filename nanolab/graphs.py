@@ -3,9 +3,10 @@
     update = GraphedStep(update_fn, warmup=2)   # update_fn(*tensors_or_None) -> tuple of tensors
     loss, stats = update(x, y)                  # calls 1-2 run eagerly; call 3 captures the step, then replays it
 
-Why: a small model's update (forward, loss, backward, gradient clipping, optimizer step) is hundreds of kernel
-launches of a few microseconds of GPU work each, so its speed is the host's: Python, autograd and launch overhead.
-Replayed from a graph it is one launch and runs at the GPU's speed, whatever the host.
+Why: a small model's update (forward, loss, backward, gradient clipping, optimizer step) is many kernel launches
+of a few microseconds of GPU work each, so its speed is the host's: Python, autograd and launch overhead. Replayed
+from a graph it is one launch and runs at the GPU's speed, whatever the host (scripts/grpo_char.py on an H200: the
+host's time to issue the update went from 8.7 ms to 0.13 ms).
 
 What the step must do (the rules of torch.cuda.graph): read every tensor that is not an argument at a fixed
 address (parameters, optimizer state, a learning rate or coefficient held in a device tensor: change them in

@@ -28,7 +28,7 @@ One iteration, per rank:
 
 On one CUDA device the update of step 5 (forward, loss, backward, clipping, AdamW step) is captured in a CUDA graph
 after two eager iterations and replayed (nanolab/graphs.py; --no-graph_update to launch it eagerly): a small
-model's update is hundreds of tiny kernels whose launches would otherwise bound the iteration by the host's speed.
+model's update is many tiny kernels whose launches would otherwise bound the iteration by the host's speed.
 
 "characters seen" = generated characters = batch_size x group_size x horizon x world_size per iteration. The
 held-out validation cross-entropy (nats/char) is teacher-forced on a fixed set of val windows of prompt_len +
@@ -153,8 +153,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
            "(compiles once)")
     a("--graph_update", action=argparse.BooleanOptionalAction, default=None,
       help="replay the update (forward, loss, backward, clipping, AdamW step) from one CUDA graph after 2 eager "
-           "iterations: its hundreds of small kernel launches, which the host cannot issue as fast as the GPU "
-           "runs them, become one (default: on when training on one CUDA device; needs CUDA and no DDP)")
+           "iterations: its many small kernel launches, which a host cannot issue as fast as the GPU runs them, "
+           "become one (default: on when training on one CUDA device; needs CUDA and no DDP)")
     args = p.parse_args(argv)
     for name in ("horizon", "prompt_len", "batch_size", "group_size", "ppo_epochs", "log_interval", "val_windows"):
         if getattr(args, name) < 1:
@@ -309,15 +309,15 @@ def run(args) -> int:
         model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     compile_decode = args.compile and device.type == "cuda"  # the sampler compiles only a CUDA-graph step
-    # compiled, steps 3-5's ~200 small eager kernels (forward + backward) become a few fused ones
+    # compiled, the many small eager kernels of steps 3-5 (forward and backward) become a few fused ones
     maybe_compile = torch.compile if args.compile else (lambda fn: fn)
     score = functools.partial(maybe_compile(score_rollouts), group_size=G, reward_mode=args.reward_mode,
                               partial_logprob=args.partial_logprob, credit=args.credit, gamma=args.gamma,
                               adv_norm=args.adv_norm)
     loss_fn = functools.partial(maybe_compile(policy_loss), clip_eps=args.clip_eps, clip_eps_high=args.clip_eps_high,
                                 loss_type=args.loss_type, horizon=H)
-    beta_t = torch.zeros((), device=device)  # the KL coefficient as a tensor: changing it does not recompile
-    # (and a CUDA graph of the update reads its current value)
+    # the KL coefficient in a tensor: changing it neither recompiles the loss nor escapes a captured update
+    beta_t = torch.zeros((), device=device)
     chars_per_iter = args.batch_size * G * H * world_size
     val_x, val_y = val_windows(val_data, args.val_windows, P + H)
     val_x, val_y = val_x.to(device), val_y.to(device)
