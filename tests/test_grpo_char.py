@@ -55,6 +55,20 @@ def test_help(grpo, capsys):
         assert flag in out
 
 
+def test_deterministic_flag_keeps_cpu_results(grpo, data_dir, tmp_path):
+    """--deterministic switches torch's deterministic algorithms on; on the CPU (already reproducible) the run's
+    metrics are exactly those of a run without it."""
+    base = [*TINY, "--iters", "2", "--eval_interval", "2", "--checkpoint_interval", "0"]
+    assert grpo.main([*base, "--out_dir", str(tmp_path / "plain")]) == 0
+    try:
+        assert grpo.main([*base, "--deterministic", "--out_dir", str(tmp_path / "det")]) == 0
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "s_per_iter"} for r in rs]
+    assert strip(rows(tmp_path / "det")) == strip(rows(tmp_path / "plain"))
+
+
 def test_graph_update_needs_cuda(grpo, data_dir, tmp_path):
     with pytest.raises(ValueError, match="--graph_update needs one CUDA device"):
         grpo.main([*TINY, "--iters", "1", "--device", "cpu", "--graph_update", "--out_dir", str(tmp_path / "g")])
