@@ -31,6 +31,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
+from .fileio import atomic_write, fsync_path
+
 FORMAT_VERSION = 1
 MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST_FILE = "model.safetensors", "optimizer.pt", "state.json", "latest"
 _STEP_RE = re.compile(r"^step(\d+)$")
@@ -97,31 +100,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file, or a directory (so a rename inside it is durable); directories may refuse on some OSes."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -209,7 +187,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
         # save_model drops duplicate names of tied tensors (e.g. lm_head.weight == wte.weight) and load_model
         # restores the tie; the tensors are written as-is (no pickle).
         save_model(raw, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
-        _fsync_path(tmp / MODEL_FILE)
+        fsync_path(tmp / MODEL_FILE)
         if optimizer is not None:
             with open(tmp / OPTIM_FILE, "wb") as f:
                 torch.save(_portable(optimizer.state_dict()), f)
@@ -219,16 +197,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
             f.write(state_text)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         final = run_dir / step_dir_name(step)
         if final.exists():  # re-saving a step (e.g. after resuming from an older pointer): replace it
             _discard(final)
         os.rename(tmp, final)
-        _fsync_path(run_dir)
+        fsync_path(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
+    atomic_write(run_dir / LATEST_FILE, final.name + "\n")
     if keep_last is not None:
         older = [p for s, p in step_dirs(run_dir) if s <= step]  # folders of later steps are not "older"
         keep = set(older[-keep_last:]) | {final}
@@ -275,9 +253,9 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt / STATE_FILE}: not valid JSON ({e})") from e
+        raise UsageError(f"{ckpt / STATE_FILE}: not valid JSON ({e})") from e
     if not isinstance(state, dict) or "step" not in state:
-        raise ValueError(f"{ckpt / STATE_FILE}: expected a JSON object with a 'step' key")
+        raise UsageError(f"{ckpt / STATE_FILE}: expected a JSON object with a 'step' key")
     state["path"] = str(ckpt)
     return state
 
@@ -298,17 +276,24 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
         try:
             load_model(raw, str(ckpt / MODEL_FILE), strict=True, device=str(device))
         except RuntimeError as e:
-            raise ValueError(f"{ckpt / MODEL_FILE} does not fit the model "
+            raise UsageError(f"{ckpt / MODEL_FILE} does not fit the model "
                              f"(checkpoint config {state.get('model_config')}): {e}") from e
+        except Exception as e:  # safetensors' own error: a truncated or corrupt file
+            raise UsageError(f"{ckpt / MODEL_FILE}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     if optimizer is not None:
         opt_file = ckpt / OPTIM_FILE
         if not opt_file.is_file():
             raise FileNotFoundError(f"{opt_file}: checkpoint has no optimizer state (saved without optimizer?)")
-        opt_state = torch.load(opt_file, map_location=map_location, weights_only=True)
+        try:
+            opt_state = torch.load(opt_file, map_location=map_location, weights_only=True)
+        except (RuntimeError, EOFError, OSError) as e:
+            if isinstance(e, OSError) and not isinstance(e, EOFError) and e.errno is not None:
+                raise
+            raise UsageError(f"{opt_file}: not a readable optimizer state ({type(e).__name__}: {e})") from e
         try:
             optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError) as e:
-            raise ValueError(f"{opt_file} does not fit the optimizer: {e}") from e
+            raise UsageError(f"{opt_file} does not fit the optimizer: {e}") from e
     return state
 
 
@@ -320,7 +305,7 @@ def load_model_for_inference(path: str | os.PathLike, device: str | torch.device
 
     state = read_state(path)
     if "model_config" not in state:
-        raise ValueError(f"{state['path']}/{STATE_FILE}: has no 'model_config'; cannot rebuild the model")
+        raise UsageError(f"{state['path']}/{STATE_FILE}: has no 'model_config'; cannot rebuild the model")
     model = build_model(state["model_config"])
     load_checkpoint(state["path"], model)
     model.to(device=device, dtype=dtype).eval()

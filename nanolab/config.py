@@ -32,13 +32,15 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from .errors import UsageError
+
 T = TypeVar("T")
 
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _ENV_RE = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A bad config: the message names the file (or "overrides") and the key path."""
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from nanolab.tokenizers import CharTokenizer, GPT2Tokenizer, atomic_write_bytes, load_tokenizer
+from nanolab.errors import UsageError
+from nanolab.fileio import atomic_path, atomic_write
+from nanolab.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer
 
 REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DATA_DIR = Path(os.environ.get("NANOLAB_DATA_DIR") or REPO_DATA_DIR)
@@ -52,7 +53,7 @@ def shakespeare_path(data_dir: str | os.PathLike | None = None) -> Path:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
             raw = r.read()
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise RuntimeError(
+        raise UsageError(
             f"tiny Shakespeare is not at {path} and could not be downloaded from {SHAKESPEARE_URL} ({e}). "
             f"Put the {SHAKESPEARE_CHARS:,}-character input.txt there by hand "
             f"(e.g. cp ../shared/data/tinyshakespeare/input.txt {path}), or set NANOLAB_DATA_DIR to a folder "
@@ -61,7 +62,7 @@ def shakespeare_path(data_dir: str | os.PathLike | None = None) -> Path:
     n = len(raw.decode("utf-8"))
     if n != SHAKESPEARE_CHARS:
         raise RuntimeError(f"downloaded {SHAKESPEARE_URL} has {n:,} characters, expected {SHAKESPEARE_CHARS:,}")
-    atomic_write_bytes(path, raw)
+    atomic_write(path, raw)
     return path
 
 
@@ -118,18 +119,10 @@ def write_tokens(path: str | os.PathLike, ids, vocab_size: int) -> Path:
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{path}: token ids span [{lo}, {hi}], outside the vocabulary [0, {vocab_size})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            arr.astype(dtype, copy=False).tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        arr.astype(dtype, copy=False).tofile(f)
     meta = {"dtype": dtype.name, "vocab_size": int(vocab_size), "num_tokens": int(arr.size)}
-    atomic_write_bytes(_sidecar(path), (json.dumps(meta) + "\n").encode())
+    atomic_write(_sidecar(path), json.dumps(meta) + "\n")
     return path
 
 
@@ -191,7 +184,7 @@ def prepare_shakespeare(tokenizer_kind: str = "char", data_dir: str | os.PathLik
             "source": SHAKESPEARE_URL,
             "val_fraction": 0.1,
         }
-        atomic_write_bytes(paths["meta"], (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        atomic_write(paths["meta"], json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     meta = json.loads(paths["meta"].read_text(encoding="utf-8"))
     tok = load_tokenizer(meta)
     return {

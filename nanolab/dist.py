@@ -117,13 +117,16 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def cleanup() -> None:
+def cleanup(normal_exit: bool | None = None) -> None:
     """Destroy the process group if one exists (call in a finally: so errors also shut down cleanly).
 
     On a normal exit the ranks first meet at a barrier, so no rank tears its gloo/NCCL state down while another
     is still talking to it (under load, gloo could then abort a rank with "terminate called without an active
-    exception"). While an exception propagates there is no barrier: the other ranks may never arrive."""
+    exception"). After an error there is no barrier: the other ranks may never arrive. normal_exit None: an exit
+    is normal when no exception is propagating."""
     if is_distributed():
-        if sys.exc_info()[0] is None:
+        if normal_exit is None:
+            normal_exit = sys.exc_info()[0] is None
+        if normal_exit:
             dist.barrier()
         dist.destroy_process_group()

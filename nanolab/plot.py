@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from nanolab.fileio import atomic_path
 from nanolab.tracking import read_metrics
 
 _STYLES = ["-", "--", ":", "-."]
@@ -55,10 +56,9 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike, keys: l
         ax.set_title(title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix or '.png'}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=out.suffix[1:] or "png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

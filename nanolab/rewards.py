@@ -93,3 +93,15 @@ class BigramLM(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.log_probs[idx]
+
+
+def token_rewards(generated: torch.Tensor, target: torch.Tensor, logprobs: torch.Tensor | None, mode: str,
+                  partial_logprob: float) -> torch.Tensor:
+    """Dense reward (N, H) of the char task: char_match_rewards(generated, target, mode) + alpha * log pi(gen_t)
+    (detached shaping; alpha = partial_logprob, logprobs (N, H) needed only when alpha != 0)."""
+    r = char_match_rewards(generated, target, mode)
+    if partial_logprob != 0.0:
+        if logprobs is None:
+            raise ValueError("partial_logprob needs the sampled tokens' log-probs")
+        r = r + partial_logprob * logprobs.detach().float()
+    return r

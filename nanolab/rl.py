@@ -1,13 +1,30 @@
-"""Small pieces the RL scripts share (grpo_char.py, grpo.py, ppo.py): KL warm-up, per-iteration seeds, fixed
-validation windows, and the initial policy of the char task."""
+"""Pure pieces the RL scripts share (grpo_char.py, grpo.py, ppo.py): credit assignment and advantages, the KL
+warm-up, per-iteration seeds and fixed validation windows. Tensors in, tensors out: nothing here reads flags,
+builds models or touches files."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, read_state
-from .models import CausalLM, build_model, config_from_dict, preset
+from .losses import group_advantages
+from .rewards import reward_to_go
+
+
+def token_advantages(rewards: torch.Tensor, group_size: int, credit: str, gamma: float, adv_norm: str,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token advantages (N, T) from per-token rewards (N, T); rows b*G .. b*G+G-1 share a prompt.
+
+    credit "token": R_t = r_t; "return": R_t = sum_{k>=t} gamma^(k-t) r_k (masked positions count 0). Then
+    A_t = R_t - mean over the group at offset t, divided by the group's std at t (adv_norm "group"), by the std
+    of all R in the batch ("batch"), or not scaled ("none"); mask (N, T) keeps padding out of every statistic.
+    """
+    if credit not in ("token", "return"):
+        raise ValueError(f"credit must be 'token' or 'return', got {credit!r}")
+    if adv_norm not in ("group", "batch", "none"):
+        raise ValueError(f"adv_norm must be 'group', 'batch' or 'none', got {adv_norm!r}")
+    R = rewards.float() if credit == "token" else reward_to_go(rewards, gamma, mask)
+    return group_advantages(R, group_size, normalize=None if adv_norm == "none" else adv_norm, mask=mask)
 
 
 def kl_coef_at(chars_seen: int, beta_kl: float, warmup_chars: int) -> float:
@@ -32,32 +49,3 @@ def val_windows(val_data, n: int, length: int) -> tuple[torch.Tensor, torch.Tens
 def default_block_size(preset_block: int, needed: int) -> int:
     """The preset's context if it fits prompt + horizon, else that length rounded up to a multiple of 64."""
     return preset_block if preset_block >= needed else -(-needed // 64) * 64
-
-
-def initial_char_policy(args, vocab_size: int, tokenizer, config: dict | None = None) -> CausalLM:
-    """The char-task policy at iteration 0 (seeded, so a frozen copy can be rebuilt exactly on resume).
-
-    Reads the flags grpo_char.py and ppo.py share: seed, prompt_len, horizon, init_from (a train.py checkpoint or
-    "scratch"), dropout, preset / model, n_layer, n_head, n_embd, block_size; `config` rebuilds a known config."""
-    torch.manual_seed(args.seed)
-    needed = args.prompt_len + args.horizon
-    if args.init_from != "scratch":
-        state = read_state(args.init_from)  # clear error when it is not a checkpoint
-        if state.get("tokenizer") and state["tokenizer"] != tokenizer.to_dict():
-            raise ValueError(f"--init_from {args.init_from}: its tokenizer is not the tiny-Shakespeare char one")
-        cfg = config_from_dict({**state["model_config"], "dropout": args.dropout})
-        if cfg.block_size < needed:
-            raise ValueError(f"--init_from {args.init_from}: block_size {cfg.block_size} < prompt_len + horizon = "
-                             f"{needed}; shorten the horizon or warm up with train.py --block_size {needed}")
-        model = build_model(cfg)
-        load_checkpoint(state["path"], model)
-        return model
-    if config is not None:
-        return build_model(config)
-    name = args.preset or f"{args.model}-char-tiny"
-    dims = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
-    base = preset(name, vocab_size=vocab_size, dropout=args.dropout, **dims)
-    block = args.block_size or default_block_size(base.block_size, needed)
-    if block < needed:
-        raise ValueError(f"--block_size {block} < prompt_len + horizon = {needed}")
-    return build_model(base.replace(block_size=block))

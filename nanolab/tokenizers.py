@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -21,23 +20,7 @@ from typing import Any
 
 import numpy as np
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` via a unique temp file in the same folder + os.replace, so readers never see a
-    half-written file and concurrent writers (e.g. DDP ranks) never clobber each other's temp files."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+from .fileio import atomic_write
 
 
 def _as_id_array(ids: Any) -> np.ndarray:
@@ -84,7 +67,7 @@ class _Tokenizer:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write to_dict() as JSON, atomically."""
-        return atomic_write_bytes(path, (json.dumps(self.to_dict(), ensure_ascii=False) + "\n").encode("utf-8"))
+        return atomic_write(path, json.dumps(self.to_dict(), ensure_ascii=False) + "\n")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"

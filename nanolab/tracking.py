@@ -19,6 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import Diverged  # noqa: F401 - re-exported: scripts and tests import it from here
+from .fileio import atomic_write
+
 METRICS_FILE = "metrics.jsonl"
 H100_BF16_PEAK_FLOPS = 989e12  # dense bf16 tensor-core peak of an H100/H200 SXM
 
@@ -57,12 +60,7 @@ def truncate_metrics(path: str | os.PathLike, max_step: int) -> int:
     if not path.is_file():
         return 0
     keep = [r for r in read_metrics(path) if isinstance(r.get("step"), int) and r["step"] <= max_step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
     return len(keep)
 
 
@@ -79,10 +77,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if 1e-2 <= abs(v) < 1e4 else f"{v:.3g}"
     return str(v)
-
-
-class Diverged(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite: scripts stop with a clear message, no checkpoint."""
 
 
 class Tracker:

@@ -2,7 +2,7 @@
 
     python scripts/grpo_char.py --horizon 70                       # CPU, a few minutes, reward rises
     python scripts/grpo_char.py --reference random --beta_kl 0.3   # KL to a frozen copy of the initial policy
-    python scripts/grpo_char.py --init_from out/train --reference random --lr 1e-4   # RL after train.py
+    python scripts/grpo_char.py --init_from out/train --reference random --learning_rate 1e-4   # RL after train.py
                                                                    # (needs its --block_size >= 71)
     torchrun --standalone --nproc_per_node=2 scripts/grpo_char.py  # DDP: each rank samples its own positions
     python scripts/grpo_char.py --out_dir out/grpo_char --resume   # continue from out_dir/latest
@@ -42,55 +42,30 @@ model, optimizer, data stream and RNG states (rollout seeds are a function of (s
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
-import os
-import random
 import sys
-import time
-from contextlib import nullcontext
-from pathlib import Path
 
-import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
-
-from nanolab import dist  # noqa: E402
-from nanolab.checkpoint import (  # noqa: E402
-    latest_checkpoint,
-    load_checkpoint,
-    read_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    step_dirs,
-)
-from nanolab.data import BatchIterator, load_tokens, prepare_shakespeare  # noqa: E402
-from nanolab.graphs import GraphedStep  # noqa: E402
-from nanolab.losses import (  # noqa: E402
-    categorical_kl,
-    group_advantages,
-    grpo_loss,
-    masked_mean,
-    token_entropy,
-    token_logprobs,
-)
-from nanolab.models import FAMILIES, PRESETS, build_model  # noqa: E402
-from nanolab.optim import build_adamw, clip_and_step, lr_at, make_capturable, set_lr  # noqa: E402
-from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards, reward_to_go  # noqa: E402
-from nanolab.rl import initial_char_policy, kl_coef_at, rollout_seed, val_windows  # noqa: E402
-from nanolab.sampler import generate  # noqa: E402
-from nanolab.tracking import Diverged, Tracker  # noqa: E402
+from nanolab import dist, run
+from nanolab.char_task import char_policy, char_reference, done_message, sample_text
+from nanolab.data import BatchIterator, load_tokens
+from nanolab.graphs import GraphedStep
+from nanolab.losses import categorical_kl, grpo_loss, masked_mean, token_entropy, token_logprobs
+from nanolab.models import FAMILIES
+from nanolab.optim import build_adamw, clip_and_step, lr_at, make_capturable, set_lr
+from nanolab.rewards import REWARD_MODES, char_match_rewards, token_rewards
+from nanolab.rl import kl_coef_at, rollout_seed, token_advantages, val_windows
+from nanolab.sampler import generate
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = run.parser(__doc__)
     a = p.add_argument_group("rollouts and reward").add_argument
     a("--horizon", type=int, default=70, help="characters generated per rollout (default: 70)")
     a("--prompt_len", type=int, default=1, help="real characters of context before each rollout (default: 1)")
     a("--batch_size", type=int, default=32, help="prompts (text positions) per iteration per rank (default: 32)")
-    a("--group_size", type=int, default=4, help="rollouts per prompt (default: 4)")
+    a("--group_size", type=int, default=4, help="rollouts per prompt, >= 2 (default: 4)")
     a("--reward_mode", choices=REWARD_MODES, default="01",
       help="01: reward 1 for each character equal to the true one, else 0; pm1: +1 / -1 (default: 01)")
     a("--partial_logprob", type=float, default=0.0,
@@ -115,90 +90,46 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
            "uniform, 1 holds it there: try 0.1-0.3)")
     a("--kl_warmup_tokens", type=int, default=200_000,
       help="characters seen over which the KL coefficient rises linearly from 0 to beta_kl (default: 200000)")
-    a = p.add_argument_group("model").add_argument
-    a("--init_from", default="scratch", help="'scratch' or a train.py checkpoint / run folder (default: scratch)")
-    a("--model", choices=sorted(FAMILIES), default="gpt2", help="model family (default: gpt2)")
-    a("--preset", default=None, choices=sorted(PRESETS), help="model preset (default: <model>-char-tiny, 4x128)")
-    a("--n_layer", type=int, default=None, help="override the preset's layers")
-    a("--n_head", type=int, default=None, help="override the preset's heads")
-    a("--n_embd", type=int, default=None, help="override the preset's width")
-    a("--block_size", type=int, default=None,
-      help="context (default: the preset's if >= prompt_len + horizon, else that rounded up to 64)")
-    a("--dropout", type=float, default=0.0, help="dropout (default: 0)")
+    run.add_model_args(p, FAMILIES, init_from_help="'scratch' or a train.py checkpoint / run folder")
+    run.add_optim_args(p, learning_rate=1e-3, min_lr=None, warmup_iters=10, weight_decay=0.0)
     a = p.add_argument_group("optimizer").add_argument
     a("--iters", type=int, default=200, help="iterations (rollouts + update) in total (default: 200)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    a("--min_lr", type=float, default=None, help="learning rate at the end of the cosine decay (default: lr/10)")
-    a("--warmup_iters", type=int, default=10, help="linear learning-rate warmup (default: 10)")
-    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm; 0: off (default: 1)")
-    a = p.add_argument_group("logging and checkpoints").add_argument
-    a("--out_dir", default="out/grpo_char", help="run folder (default: out/grpo_char)")
+    run.add_run_args(p, "out/grpo_char", keep_last=2)
+    a = p.add_argument_group("evaluation and checkpoints").add_argument
     a("--log_interval", type=int, default=10, help="metrics row every N iterations (default: 10)")
     a("--eval_interval", type=int, default=50, help="val CE + sample every N iterations; 0: only first/last")
     a("--val_windows", type=int, default=256, help="fixed val windows for the CE (default: 256)")
     a("--checkpoint_interval", type=int, default=None,
       help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
-    a("--keep_last", type=int, default=2, help="keep the K most recent checkpoints (default: 2)")
-    a("--resume", action="store_true", help="continue from out_dir/latest (fresh if there is none)")
-    a("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without account)")
-    a("--wandb_project", default="nanolab", help="wandb project")
-    a("--data_dir", default=None, help="data root (default: $NANOLAB_DATA_DIR, else the repo's data/)")
     a = p.add_argument_group("system").add_argument
-    a("--seed", type=int, default=1337, help="seed of init, positions and rollouts (default: 1337)")
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
     a("--compile", action="store_true",
       help="torch.compile the policy and the loss for the update and, on CUDA, the sampler's decode step "
            "(compiles once)")
-    a("--deterministic", action="store_true",
-      help="bitwise reproducible CUDA runs, also with --compile (torch.use_deterministic_algorithms; ~2.7x slower "
-           "per iteration on an H200 at 4x128). CPU runs are reproducible without it")
     a("--graph_update", action=argparse.BooleanOptionalAction, default=None,
       help="replay the update (forward, loss, backward, clipping, AdamW step) from one CUDA graph after 2 eager "
            "iterations: its many small kernel launches, which a host cannot issue as fast as the GPU runs them, "
            "become one (default: on when training on one CUDA device; needs CUDA and no DDP)")
     args = p.parse_args(argv)
-    for name in ("horizon", "prompt_len", "batch_size", "group_size", "ppo_epochs", "log_interval", "val_windows"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("iters", "eval_interval", "warmup_iters", "kl_warmup_tokens"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0.0 <= args.gamma <= 1.0:
-        p.error(f"--gamma must be in [0, 1], got {args.gamma}")
+    run.check_args(p, args, positive=["horizon", "prompt_len", "batch_size", "ppo_epochs", "log_interval",
+                                      "val_windows", "bigram_smoothing"],
+                   nonnegative=["iters", "eval_interval", "checkpoint_interval", "kl_warmup_tokens", "beta_kl",
+                                "clip_eps", "clip_eps_high"],
+                   unit_closed=["gamma"])
+    if args.group_size < 2:
+        p.error(f"--group_size must be >= 2, got {args.group_size}: advantages are relative to the group mean, "
+                "so a group of one has advantage 0 everywhere and nothing is learned")
+    if args.init_from != "scratch":
+        run.ignored_with(p, args, ["model", "preset", "n_layer", "n_head", "n_embd", "block_size"],
+                         "--init_from (the model comes from it)")
+    if args.credit == "token":
+        run.ignored_with(p, args, ["gamma"], "--credit token")
     if args.min_lr is None:
-        args.min_lr = args.lr / 10
+        args.min_lr = args.learning_rate / 10
+    run.check_args(p, args)  # min_lr <= learning_rate, now that it is resolved
     return args
 
 
 # ----------------------------------------------------------------------------- the pieces (tested directly)
-
-
-def token_rewards(generated: torch.Tensor, target: torch.Tensor, logprobs: torch.Tensor | None, mode: str,
-                  partial_logprob: float) -> torch.Tensor:
-    """Dense reward (N, H): char_match_rewards(generated, target, mode) + alpha * logprobs (detached)."""
-    r = char_match_rewards(generated, target, mode)
-    if partial_logprob != 0.0:
-        if logprobs is None:
-            raise ValueError("partial_logprob needs the sampled tokens' log-probs")
-        r = r + partial_logprob * logprobs.detach().float()
-    return r
-
-
-def compute_advantages(rewards: torch.Tensor, group_size: int, credit: str, gamma: float, adv_norm: str,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-token advantages (N, H) from per-token rewards (N, H); rows b*G .. b*G+G-1 share a prompt.
-
-    credit "token": R_t = r_t; "return": R_t = sum_{k>=t} gamma^(k-t) r_k. Then A_t = R_t - mean over the group
-    at offset t, divided by the group's std at t (adv_norm "group"), by the std of all R in the batch ("batch"),
-    or not scaled ("none").
-    """
-    if credit not in ("token", "return"):
-        raise ValueError(f"credit must be 'token' or 'return', got {credit!r}")
-    R = rewards.float() if credit == "token" else reward_to_go(rewards, gamma, mask)
-    return group_advantages(R, group_size, normalize=None if adv_norm == "none" else adv_norm, mask=mask)
 
 
 def score_rollouts(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor | None,
@@ -208,7 +139,7 @@ def score_rollouts(tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     shaped reward, |A|) over active tokens. tokens, target, mask: (N, H); logprobs (N, H) or None."""
     match = char_match_rewards(tokens, target, reward_mode)
     rewards = token_rewards(tokens, target, logprobs, reward_mode, partial_logprob)
-    adv = compute_advantages(rewards, group_size, credit, gamma, adv_norm, mask)
+    adv = token_advantages(rewards, group_size, credit, gamma, adv_norm, mask)
     return adv, torch.stack([masked_mean(match, mask), masked_mean(rewards, mask), masked_mean(adv.abs(), mask)])
 
 
@@ -230,90 +161,44 @@ def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Te
 # ----------------------------------------------------------------------------- training
 
 
-def run(args) -> int:
-    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    rank, _, world_size, device = dist.setup_distributed(args.device)
-    ddp, main_proc = world_size > 1, rank == 0
-    out_dir = Path(args.out_dir)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def train(args) -> int:
+    env = run.setup(args.device, args.dtype, args.deterministic)
+    device, autocast = env.device, env.autocast
     P, H, G = args.prompt_len, args.horizon, args.group_size
-
-    # --- data ---
-    if main_proc:
-        info = prepare_shakespeare("char", args.data_dir)
-    dist.barrier()
-    if not main_proc:
-        info = prepare_shakespeare("char", args.data_dir)
+    info = run.prepare_data(env, "char", args.data_dir)
     tokenizer = info["tokenizer"]
     train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
     V = tokenizer.vocab_size
+    meaning = {k: getattr(args, k) for k in ("horizon", "prompt_len", "batch_size", "group_size", "reward_mode",
+                                             "reference", "model", "preset", "n_layer", "n_head", "n_embd",
+                                             "block_size")}
+    rd = run.open_run(args.out_dir, env, "grpo_char", args.resume, meaning)
 
     # --- policy, reference, optimizer ---
-    resume_from = latest_checkpoint(out_dir) if args.resume else None
-    if not args.resume and step_dirs(out_dir):
-        raise ValueError(f"{out_dir} already holds checkpoints; pass --resume to continue that run, "
-                         "or choose another --out_dir")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    if resume_from is not None:
-        saved = read_state(resume_from)
-        model = build_model(saved["model_config"])
-    else:
-        model = initial_char_policy(args, V, tokenizer)
+    run.seed_everything(args.seed)
+    model = char_policy(rd, args, tokenizer).to(device)
     cfg = model.config
-    if cfg.vocab_size != V:
-        raise ValueError(f"model vocab_size {cfg.vocab_size} != the char tokenizer's {V}")
-    if cfg.block_size < P + H:
-        raise ValueError(f"model block_size {cfg.block_size} < prompt_len + horizon = {P + H}")
-    model.to(device)
-    if args.reference == "bigram":
-        reference = BigramLM(bigram_log_probs(np.asarray(train_data), V, args.bigram_smoothing)).to(device)
-    else:  # a frozen copy of the initial policy (rebuilt from the same seed / checkpoint when resuming)
-        reference = (copy.deepcopy(model) if resume_from is None
-                     else initial_char_policy(args, V, tokenizer, config=cfg.to_dict()))
-        reference.to(device).eval().requires_grad_(False)
+    reference = char_reference(args, train_data, V, model, rd, tokenizer, device)
     if args.graph_update is None:
-        args.graph_update = device.type == "cuda" and not ddp
-    if args.graph_update and (device.type != "cuda" or ddp):
-        raise ValueError(f"--graph_update needs one CUDA device without DDP (device {device}, world size "
-                         f"{world_size}); pass --no-graph_update")
-    optimizer = build_adamw(model, args.lr, args.weight_decay, (0.9, 0.99), device.type,
+        args.graph_update = device.type == "cuda" and not env.ddp
+    if args.graph_update and (device.type != "cuda" or env.ddp):
+        raise run.UsageError(f"--graph_update needs one CUDA device without DDP (device {device}, world size "
+                             f"{env.world_size}); pass --no-graph_update")
+    optimizer = build_adamw(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2), device.type,
                             capturable=args.graph_update)
-    positions = BatchIterator(train_data, args.batch_size, P + H, args.seed, rank, world_size, "cpu")
-    torch.manual_seed(args.seed + rank)
-
-    step, chars_seen, summary = 0, 0, {}
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, model, optimizer, map_location=device)
-        step, chars_seen, summary = saved["step"], saved["chars_seen"], saved.get("summary", {})
-        if saved["world_size"] != world_size or saved["args"]["batch_size"] != args.batch_size:
-            print(f"warning: resuming with world_size={world_size}, batch_size={args.batch_size}, the checkpoint "
-                  f"used {saved['world_size']}, {saved['args']['batch_size']}: the position stream continues but "
-                  "will not match the uninterrupted run", file=sys.stderr)
-        if args.graph_update:
-            make_capturable(optimizer)  # loading restored the saved (portable) learning rate and flags
-        positions.load_state_dict(saved["data"])
-        rngs = saved.get("rng") or []
-        if len(rngs) == world_size:
-            set_rng_state(rngs[rank])
-        if main_proc:
-            print(f"resuming from {resume_from} at iteration {step} ({chars_seen:,} characters seen)")
-    elif args.resume and main_proc:
-        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    start_step = step
+    positions = BatchIterator(train_data, args.batch_size, P + H, args.seed, env.rank, env.world_size, "cpu")
+    torch.manual_seed(args.seed + env.rank)
+    saved = run.restore(rd, env, model, optimizer, positions, args.seed) if rd.resume_from else None
+    if saved and args.graph_update:
+        make_capturable(optimizer)  # loading restored the saved (portable) learning rate and flags
+    step = start_step = saved["step"] if saved else 0
+    chars_seen, summary = (saved["chars_seen"], saved.get("summary", {})) if saved else (0, {})
 
     raw_model = model
     if args.compile:
         model = torch.compile(model)
     train_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+        model, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else model
 
     compile_decode = args.compile and device.type == "cuda"  # the sampler compiles only a CUDA-graph step
     # compiled, the many small eager kernels of steps 3-5 (forward and backward) become a few fused ones
@@ -325,39 +210,14 @@ def run(args) -> int:
                                 loss_type=args.loss_type, horizon=H)
     # the KL coefficient in a tensor: changing it neither recompiles the loss nor escapes a captured update
     beta_t = torch.zeros((), device=device)
-    chars_per_iter = args.batch_size * G * H * world_size
+    chars_per_iter = args.batch_size * G * H * env.world_size
     val_x, val_y = val_windows(val_data, args.val_windows, P + H)
     val_x, val_y = val_x.to(device), val_y.to(device)
-    tracker = Tracker(out_dir, total=args.iters, initial=start_step, enabled=main_proc, use_wandb=args.wandb,
-                      project=args.wandb_project, config=vars(args),
-                      wandb_id=saved.get("wandb_id") if resume_from is not None else None)
+    tracker = run.open_tracker(rd, env, args, args.iters, start_step, saved)
     tracker.print(f"{cfg.family} {cfg.n_layer}x{cfg.n_embd}: {raw_model.num_params() / 1e6:.2f}M parameters, "
-                  f"{world_size} x {device}, {args.dtype}; {args.batch_size * world_size} prompts x {G} rollouts x "
-                  f"{H} chars = {chars_per_iter:,} chars/iter; reference {args.reference}; "
+                  f"{env.world_size} x {device}, {env.dtype}; {args.batch_size * env.world_size} prompts x {G} "
+                  f"rollouts x {H} chars = {chars_per_iter:,} chars/iter; reference {args.reference}; "
                   f"iterations {start_step} -> {args.iters}")
-
-    @torch.no_grad()
-    def val_ce() -> float:
-        """Teacher-forced cross-entropy (nats/char) on the fixed val windows (same on every rank)."""
-        raw_model.eval()
-        total = 0.0
-        for i in range(0, len(val_x), 64):
-            with autocast:
-                _, loss = raw_model(val_x[i:i + 64], val_y[i:i + 64])
-            total += float(loss) * len(val_x[i:i + 64])
-        raw_model.train()
-        return total / len(val_x)
-
-    def sample_text() -> str:
-        """One rollout from the first val window's prompt (fixed seed), next to the true continuation. Sampled
-        from a copy of the policy: the sampler keeps one decoder (cache, CUDA graph) per model, and a 1-row call
-        on the policy itself would evict the one the rollouts reuse."""
-        prompt = val_x[:1, :P].cpu()
-        with autocast:
-            gen = generate(copy.deepcopy(raw_model), prompt, H, temperature=1.0, seed=args.seed)
-        text = tokenizer.decode(prompt[0].tolist())
-        truth = tokenizer.decode(val_x[0, P:].tolist())
-        return f"  prompt {text!r}\n  truth  {truth!r}\n  sample {tokenizer.decode(gen.tokens[0].tolist())!r}"
 
     # running sums between log rows (device tensors: no host sync per iteration)
     names = ["reward", "reward_shaped", "kl", "entropy", "loss", "clip_frac", "adv_abs"]
@@ -366,7 +226,7 @@ def run(args) -> int:
 
     # no autocast weight-cast cache in a graph: it would hand the graph casts made before the optimizer steps
     update_autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-                       if args.dtype == "bfloat16" else nullcontext())
+                       if env.dtype == "bfloat16" else autocast)
 
     def update(seq, tokens, ref_logits, logp_old, adv, mask, n_tokens):
         """Step 5, one epoch: forward, loss, backward, clipping, AdamW step. Returns the loss, log pi(gen_t)
@@ -381,41 +241,32 @@ def run(args) -> int:
 
     if args.graph_update:
         update = GraphedStep(update, warmup=2)
-    n_acc, t_train, n_train = 0, 0.0, 0
-    t_last = time.perf_counter()
-
-    def evaluate_and_save(at_end: bool) -> None:
-        nonlocal t_last
-        t_eval = time.perf_counter()
-        row = {"step": step, "chars_seen": chars_seen, "val_ce": val_ce()}
-        summary.setdefault("val_ce_first", row["val_ce"])
-        summary["val_ce_last"] = row["val_ce"]
-        tracker.log(row)
-        tracker.print(f"iter {step}: val CE {row['val_ce']:.4f} nats/char, {chars_seen:,} chars seen")
-        if main_proc:
-            tracker.print(sample_text())
-        every = args.eval_interval if args.checkpoint_interval is None else args.checkpoint_interval
-        if args.checkpoint_interval != 0 and step > start_step and (at_end or (every > 0 and step % every == 0)):
-            rngs = dist.all_gather_object(rng_state())
-            if main_proc:
-                state = {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),
-                         "rng": rngs, "world_size": world_size, "chars_seen": chars_seen, "summary": summary,
-                         "wandb_id": tracker.wandb_id}
-                path = save_checkpoint(out_dir, step, raw_model, optimizer, state, args.keep_last)
-                tracker.print(f"saved {path}")
-        t_last += time.perf_counter() - t_eval  # eval / save time is not training time
-
+    meter, t_train, n_train = run.Throughput(device), 0.0, 0
     try:
         while True:
             at_end = step >= args.iters
-            if (step == start_step and start_step == 0) or at_end or (
-                    step > start_step and args.eval_interval > 0 and step % args.eval_interval == 0):
-                evaluate_and_save(at_end)
+            evaluate = (step == start_step == 0) or at_end or (step > start_step and run.due(step, args.eval_interval))
+            save = run.save_due(step, start_step, at_end, args.checkpoint_interval, args.eval_interval)
+            with meter.paused():  # eval / save time is not training time
+                if evaluate:
+                    row = {"step": step, "chars_seen": chars_seen,
+                           "val_ce": run.mean_loss(raw_model, run.chunks(val_x, val_y, 64), autocast)}
+                    run.check_finite(row, step, rd)
+                    summary.setdefault("val_ce_first", row["val_ce"])
+                    summary["val_ce_last"] = row["val_ce"]
+                    tracker.log(row)
+                    tracker.print(f"iter {step}: val CE {row['val_ce']:.4f} nats/char, {chars_seen:,} chars seen")
+                    if env.main:
+                        tracker.print(sample_text(raw_model, tokenizer, val_x, P, H, args.seed, autocast))
+                if save:
+                    run.save(rd, env, step, raw_model, optimizer,
+                             {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),
+                              "chars_seen": chars_seen, "summary": summary}, args.keep_last, tracker)
             if at_end:
                 break
 
             # --- 1-2. positions and rollouts: G samples per prompt from one shared prefill ---
-            lr = lr_at(step, args.lr, args.min_lr, args.warmup_iters, args.iters)
+            lr = lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.iters)
             set_lr(optimizer, lr)
             x, _ = next(positions)  # (B, P + H) real text
             # to the device before the rollout: a copy from pageable memory waits for the stream, and after the
@@ -423,7 +274,7 @@ def run(args) -> int:
             x_dev = x.to(device)
             prompts = x[:, :P]
             with autocast:
-                gen = generate(raw_model, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, rank, step),
+                gen = generate(raw_model, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, env.rank, step),
                                return_logprobs=args.partial_logprob != 0.0, group_size=G, compile=compile_decode)
             tokens, mask = gen.tokens, gen.mask  # (N, H), N = B * G
             target = x_dev[:, P:].repeat_interleave(G, 0)
@@ -442,7 +293,7 @@ def run(args) -> int:
             beta_t.fill_(beta)
             n_tokens = None
             if args.loss_type == "dapo":  # global active-token count, divided by world size (DDP averages grads)
-                n_tokens = dist.all_reduce_mean(mask.sum().float()) if ddp else mask.sum()
+                n_tokens = dist.all_reduce_mean(mask.sum().float()) if env.ddp else mask.sum()
             logp_old = None
             for epoch in range(args.ppo_epochs):
                 loss, logp, loss_stats = update(seq, tokens, ref_logits, logp_old, adv, mask, n_tokens)
@@ -450,17 +301,16 @@ def run(args) -> int:
                     logp_old = logp  # the sampling policy (pre-update) for every epoch's ratio
                     first = loss_stats  # KL and entropy of the sampling policy
             acc += torch.cat([reward_stats[:2], first[:2], loss[None], loss_stats[2:], reward_stats[2:]])
-            n_acc += 1
             step += 1
             chars_seen += chars_per_iter
+            meter.tick()
             tracker.update(1)
 
             if step % args.log_interval == 0 or step == args.iters:
-                vals = (dist.all_reduce_mean(acc / n_acc) if ddp else acc / n_acc).tolist()  # syncs the device
-                if dist.all_reduce_max(bad).item() > 0:
-                    raise Diverged(f"loss or gradient norm became NaN/inf at or before iteration {step}; "
-                                   f"last good checkpoint: {latest_checkpoint(out_dir) or 'none'}. Lower --lr.")
-                dt = time.perf_counter() - t_last
+                n_acc = meter.steps
+                vals = (dist.all_reduce_mean(acc / n_acc) if env.ddp else acc / n_acc).tolist()  # syncs the device
+                run.check_flag(bad, step, rd)
+                n_acc, dt = meter.lap()
                 t_train, n_train = t_train + dt, n_train + n_acc
                 row = {"step": step, **dict(zip(names, vals)), "kl_coef": beta, "lr": lr, "chars_seen": chars_seen,
                        "s_per_iter": dt / n_acc}
@@ -474,28 +324,15 @@ def run(args) -> int:
                 else:
                     tracker.print(f"iter {step}: {brief}, {chars_seen:,} chars seen")
                 acc.zero_()
-                n_acc, t_last = 0, time.perf_counter()
     finally:
         tracker.close()
-    if main_proc and n_train:
-        print(f"done: {step} iterations, {chars_seen:,} characters seen, {t_train / n_train:.3f} s/iter "
-              f"(rollouts + update, this session)\n"
-              f"  mean reward per char: {summary.get('reward_first', float('nan')):.4f} (first log) -> "
-              f"{summary.get('reward_last', float('nan')):.4f} (last log)\n"
-              f"  val CE (nats/char):   {summary.get('val_ce_first', float('nan')):.4f} (first) -> "
-              f"{summary.get('val_ce_last', float('nan')):.4f} (last)")
+    if env.main and n_train:
+        print(done_message(step, chars_seen, t_train / n_train, summary, "rollouts + update"))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args(argv)
-    try:
-        return run(args)
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        dist.cleanup()
+    return run.main(train, get_args(argv))
 
 
 if __name__ == "__main__":

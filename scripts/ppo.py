@@ -3,7 +3,7 @@
     python scripts/ppo.py                                         # CPU, a few minutes, reward rises
     python scripts/ppo.py --critic separate                       # a second small GPT as the critic
     python scripts/ppo.py --reference random --kl_estimator k3    # KL to the initial policy, Schulman's k3
-    python scripts/ppo.py --init_from out/train --lr 1e-4         # RL after a supervised warm-up (train.py)
+    python scripts/ppo.py --init_from out/train --learning_rate 1e-4  # RL after a supervised warm-up (train.py)
     torchrun --standalone --nproc_per_node=2 scripts/ppo.py       # DDP: each rank samples its own positions
     python scripts/ppo.py --out_dir out/ppo --resume              # continue from out_dir/latest
 
@@ -40,33 +40,17 @@ out_dir/metrics.jsonl; --resume restores everything (rollout and shuffle seeds a
 from __future__ import annotations
 
 import argparse
-import copy
 import math
-import random
 import sys
-import time
-from contextlib import nullcontext
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without `pip install -e .`
-
-from nanolab import dist  # noqa: E402
-from nanolab.checkpoint import (  # noqa: E402
-    latest_checkpoint,
-    load_checkpoint,
-    read_state,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    step_dir_name,
-    step_dirs,
-)
-from nanolab.data import BatchIterator, load_tokens, prepare_shakespeare  # noqa: E402
-from nanolab.losses import (  # noqa: E402
+from nanolab import dist, run
+from nanolab.char_task import char_policy, char_reference, done_message, sample_text
+from nanolab.checkpoint import load_checkpoint, read_state, save_checkpoint, step_dir_name
+from nanolab.data import BatchIterator, load_tokens
+from nanolab.losses import (
     categorical_kl,
     gae,
     kl_penalized_rewards,
@@ -78,16 +62,15 @@ from nanolab.losses import (  # noqa: E402
     token_logprobs,
     whiten,
 )
-from nanolab.models import FAMILIES, PRESETS, build_model, config_from_dict  # noqa: E402
-from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr  # noqa: E402
-from nanolab.rewards import REWARD_MODES, BigramLM, bigram_log_probs, char_match_rewards  # noqa: E402
-from nanolab.rl import initial_char_policy, kl_coef_at, rollout_seed, val_windows  # noqa: E402
-from nanolab.sampler import generate  # noqa: E402
-from nanolab.tracking import Diverged, Tracker  # noqa: E402
+from nanolab.models import FAMILIES, build_model, config_from_dict
+from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
+from nanolab.rewards import REWARD_MODES, token_rewards
+from nanolab.rl import kl_coef_at, rollout_seed, val_windows
+from nanolab.sampler import generate
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = run.parser(__doc__)
     a = p.add_argument_group("rollouts and reward (as grpo_char.py)").add_argument
     a("--horizon", type=int, default=70, help="characters generated per rollout (default: 70)")
     a("--prompt_len", type=int, default=1, help="real characters of context before each rollout (default: 1)")
@@ -122,60 +105,36 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--critic_n_layer", type=int, default=None, help="separate critic: layers (default: the policy's)")
     a("--critic_n_embd", type=int, default=None, help="separate critic: width (default: the policy's)")
     a("--critic_n_head", type=int, default=None, help="separate critic: heads (default: the policy's)")
-    a = p.add_argument_group("model").add_argument
-    a("--init_from", default="scratch", help="'scratch' or a train.py checkpoint / run folder (default: scratch)")
-    a("--model", choices=sorted(FAMILIES), default="gpt2", help="model family (default: gpt2)")
-    a("--preset", default=None, choices=sorted(PRESETS), help="model preset (default: <model>-char-tiny, 4x128)")
-    a("--n_layer", type=int, default=None, help="override the preset's layers")
-    a("--n_head", type=int, default=None, help="override the preset's heads")
-    a("--n_embd", type=int, default=None, help="override the preset's width")
-    a("--block_size", type=int, default=None,
-      help="context (default: the preset's if >= prompt_len + horizon, else that rounded up to 64)")
-    a("--dropout", type=float, default=0.0, help="dropout (default: 0)")
+    run.add_model_args(p, FAMILIES, init_from_help="'scratch' or a train.py checkpoint / run folder")
+    run.add_optim_args(p, learning_rate=1e-3, min_lr=None, warmup_iters=10, weight_decay=0.0)
     a = p.add_argument_group("optimizer").add_argument
     a("--iters", type=int, default=60, help="iterations (rollouts + updates) in total (default: 60)")
-    a("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    a("--min_lr", type=float, default=None, help="learning rate at the end of the cosine decay (default: lr/10)")
-    a("--warmup_iters", type=int, default=10, help="linear learning-rate warmup, in iterations (default: 10)")
-    a("--weight_decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm; 0: off (default: 1)")
-    a = p.add_argument_group("logging and checkpoints").add_argument
-    a("--out_dir", default="out/ppo", help="run folder (default: out/ppo)")
+    run.add_run_args(p, "out/ppo", keep_last=2)
+    a = p.add_argument_group("evaluation and checkpoints").add_argument
     a("--log_interval", type=int, default=10, help="metrics row every N iterations (default: 10)")
     a("--eval_interval", type=int, default=30, help="val CE + sample every N iterations; 0: only first/last")
     a("--val_windows", type=int, default=256, help="fixed val windows for the CE (default: 256)")
     a("--checkpoint_interval", type=int, default=None,
       help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
-    a("--keep_last", type=int, default=2, help="keep the K most recent checkpoints (default: 2)")
-    a("--resume", action="store_true", help="continue from out_dir/latest (fresh if there is none)")
-    a("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works without account)")
-    a("--wandb_project", default="nanolab", help="wandb project")
-    a("--data_dir", default=None, help="data root (default: $NANOLAB_DATA_DIR, else the repo's data/)")
     a = p.add_argument_group("system").add_argument
-    a("--seed", type=int, default=1337, help="seed of init, positions, rollouts and shuffles (default: 1337)")
-    a("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    a("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-      help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
     a("--compile", action="store_true", help="torch.compile the actor-critic for the update")
     args = p.parse_args(argv)
-    for name in ("horizon", "prompt_len", "batch_size", "ppo_epochs", "num_minibatches", "log_interval",
-                 "val_windows"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    for name in ("iters", "eval_interval", "warmup_iters", "kl_warmup_tokens"):
-        if getattr(args, name) < 0:
-            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
-    for name in ("gamma", "lam"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            p.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
+    run.check_args(p, args, positive=["horizon", "prompt_len", "batch_size", "ppo_epochs", "num_minibatches",
+                                      "log_interval", "val_windows", "bigram_smoothing", "critic_n_layer",
+                                      "critic_n_embd", "critic_n_head"],
+                   nonnegative=["iters", "eval_interval", "checkpoint_interval", "kl_warmup_tokens", "beta_kl",
+                                "clip_eps", "clip_eps_high", "vf_clip", "vf_coef", "ent_coef"],
+                   unit_closed=["gamma", "lam"])
     if args.batch_size % args.num_minibatches:
         p.error(f"--num_minibatches {args.num_minibatches} must divide --batch_size {args.batch_size}")
-    if args.vf_clip < 0 or args.vf_coef < 0 or args.ent_coef < 0 or args.beta_kl < 0:
-        p.error("--vf_clip, --vf_coef, --ent_coef and --beta_kl must be >= 0")
+    if args.init_from != "scratch":
+        run.ignored_with(p, args, ["model", "preset", "n_layer", "n_head", "n_embd", "block_size"],
+                         "--init_from (the model comes from it)")
+    if args.critic == "shared":
+        run.ignored_with(p, args, ["critic_n_layer", "critic_n_embd", "critic_n_head"], "--critic shared")
     if args.min_lr is None:
-        args.min_lr = args.lr / 10
-    if args.checkpoint_interval is None:
-        args.checkpoint_interval = args.eval_interval
+        args.min_lr = args.learning_rate / 10
+    run.check_args(p, args)  # min_lr <= learning_rate, now that it is resolved
     return args
 
 
@@ -250,159 +209,90 @@ def make_value_function(args, policy_cfg, critic_config: dict | None = None) -> 
 # ----------------------------------------------------------------------------- training
 
 
-def run(args) -> int:
-    rank, _, world_size, device = dist.setup_distributed(args.device)
-    ddp, main_proc = world_size > 1, rank == 0
-    out_dir = Path(args.out_dir)
-    critic_dir = out_dir / "critic"
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+def train(args) -> int:
+    env = run.setup(args.device, args.dtype, args.deterministic)
+    device, autocast = env.device, env.autocast
     P, H, B = args.prompt_len, args.horizon, args.batch_size
-
-    # --- data ---
-    if main_proc:
-        info = prepare_shakespeare("char", args.data_dir)
-    dist.barrier()
-    if not main_proc:
-        info = prepare_shakespeare("char", args.data_dir)
+    info = run.prepare_data(env, "char", args.data_dir)
     tokenizer = info["tokenizer"]
     train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
     V = tokenizer.vocab_size
+    meaning = {k: getattr(args, k) for k in ("horizon", "prompt_len", "batch_size", "reward_mode", "reference",
+                                             "critic", "model", "preset", "n_layer", "n_head", "n_embd",
+                                             "block_size")}
+    rd = run.open_run(args.out_dir, env, "ppo", args.resume, meaning)
+    critic_dir = rd.path / "critic"
 
     # --- policy, critic, reference, optimizer ---
-    resume_from = latest_checkpoint(out_dir) if args.resume else None
-    if not args.resume and step_dirs(out_dir):
-        raise ValueError(f"{out_dir} already holds checkpoints; pass --resume to continue that run, "
-                         "or choose another --out_dir")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    run.seed_everything(args.seed)
     critic_state = None
-    if resume_from is not None:
-        saved = read_state(resume_from)
-        policy = build_model(saved["model_config"])
-        critic_path = critic_dir / step_dir_name(saved["step"])
-        critic_state = read_state(critic_path)  # raises if the critic of this step is missing
-        if critic_state.get("critic") != args.critic:
-            raise ValueError(f"{critic_path}: saved with --critic {critic_state.get('critic')}, not {args.critic}")
-    else:
-        policy = initial_char_policy(args, V, tokenizer)
+    if rd.resume_from is not None:  # the critic of the resumed step (saved first: it always exists)
+        critic_state = read_state(critic_dir / step_dir_name(read_state(rd.resume_from)["step"]))
+    policy = char_policy(rd, args, tokenizer)
     cfg = policy.config
-    if cfg.vocab_size != V:
-        raise ValueError(f"model vocab_size {cfg.vocab_size} != the char tokenizer's {V}")
-    if cfg.block_size < P + H:
-        raise ValueError(f"model block_size {cfg.block_size} < prompt_len + horizon = {P + H}")
     value = make_value_function(args, cfg, critic_state.get("critic_config") if critic_state else None)
     ac = ActorCritic(policy, value).to(device)
-    if args.reference == "bigram":
-        reference = BigramLM(bigram_log_probs(np.asarray(train_data), V, args.bigram_smoothing)).to(device)
-    else:  # a frozen copy of the initial policy (rebuilt from the same seed / checkpoint when resuming)
-        reference = (copy.deepcopy(policy) if resume_from is None
-                     else initial_char_policy(args, V, tokenizer, config=cfg.to_dict()))
-        reference.to(device).eval().requires_grad_(False)
-    optimizer = build_adamw(ac, args.lr, args.weight_decay, (0.9, 0.99), device.type)
-    positions = BatchIterator(train_data, B, P + H, args.seed, rank, world_size, "cpu")
-    torch.manual_seed(args.seed + rank)
-
-    step, chars_seen, summary = 0, 0, {}
-    if resume_from is not None:
+    reference = char_reference(args, train_data, V, policy, rd, tokenizer, device)
+    optimizer = build_adamw(ac, args.learning_rate, args.weight_decay, (args.beta1, args.beta2), device.type)
+    positions = BatchIterator(train_data, B, P + H, args.seed, env.rank, env.world_size, "cpu")
+    torch.manual_seed(args.seed + env.rank)
+    saved = None
+    if rd.resume_from is not None:
         load_checkpoint(critic_state["path"], value)
-        saved = load_checkpoint(resume_from, policy, optimizer, map_location=device)
-        step, chars_seen, summary = saved["step"], saved["chars_seen"], saved.get("summary", {})
-        if saved["world_size"] != world_size or saved["args"]["batch_size"] != B:
-            print(f"warning: resuming with world_size={world_size}, batch_size={B}, the checkpoint used "
-                  f"{saved['world_size']}, {saved['args']['batch_size']}: the position stream continues but "
-                  "will not match the uninterrupted run", file=sys.stderr)
-        positions.load_state_dict(saved["data"])
-        rngs = saved.get("rng") or []
-        if len(rngs) == world_size:
-            set_rng_state(rngs[rank])
-        if main_proc:
-            print(f"resuming from {resume_from} at iteration {step} ({chars_seen:,} characters seen)")
-    elif args.resume and main_proc:
-        print(f"--resume: no checkpoint in {out_dir}, starting from scratch")
-    start_step = step
+        saved = run.restore(rd, env, policy, optimizer, positions, args.seed)
+    step = start_step = saved["step"] if saved else 0
+    chars_seen, summary = (saved["chars_seen"], saved.get("summary", {})) if saved else (0, {})
 
     model = torch.compile(ac) if args.compile else ac
     # a separate critic's lm_head gets no gradient (its logits are unused): DDP must be told
     train_model = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=args.critic == "separate") if ddp else model
+        find_unused_parameters=args.critic == "separate") if env.ddp else model
 
-    chars_per_iter = B * H * world_size
+    chars_per_iter = B * H * env.world_size
     val_x, val_y = val_windows(val_data, args.val_windows, P + H)
     val_x, val_y = val_x.to(device), val_y.to(device)
-    tracker = Tracker(out_dir, total=args.iters, initial=start_step, enabled=main_proc, use_wandb=args.wandb,
-                      project=args.wandb_project, config=vars(args))
+    tracker = run.open_tracker(rd, env, args, args.iters, start_step, saved)
     n_critic = sum(p.numel() for p in value.parameters())
     tracker.print(f"{cfg.family} {cfg.n_layer}x{cfg.n_embd}: {policy.num_params() / 1e6:.2f}M policy + "
-                  f"{n_critic / 1e6:.3f}M {args.critic} critic parameters, {world_size} x {device}, {args.dtype}; "
-                  f"{B * world_size} rollouts x {H} chars = {chars_per_iter:,} chars/iter, {args.ppo_epochs} x "
+                  f"{n_critic / 1e6:.3f}M {args.critic} critic parameters, {env.world_size} x {device}, {env.dtype}; "
+                  f"{B * env.world_size} rollouts x {H} chars = {chars_per_iter:,} chars/iter, {args.ppo_epochs} x "
                   f"{args.num_minibatches} minibatches; reference {args.reference}; "
                   f"iterations {start_step} -> {args.iters}")
-
-    @torch.no_grad()
-    def val_ce() -> float:
-        """Teacher-forced cross-entropy (nats/char) on the fixed val windows (same on every rank)."""
-        policy.eval()
-        total = 0.0
-        for i in range(0, len(val_x), 64):
-            with autocast:
-                _, loss = policy(val_x[i:i + 64], val_y[i:i + 64])
-            total += float(loss) * len(val_x[i:i + 64])
-        policy.train()
-        return total / len(val_x)
-
-    def sample_text() -> str:
-        """One rollout from the first val window's prompt (fixed seed), next to the true continuation."""
-        prompt = val_x[:1, :P].cpu()
-        with autocast:
-            gen = generate(policy, prompt, H, temperature=1.0, seed=args.seed)
-        truth = tokenizer.decode(torch.cat([val_x[0, P:], val_y[0, -1:]]).tolist()[:H])
-        return (f"  prompt {tokenizer.decode(prompt[0].tolist())!r}\n  truth  {truth!r}\n"
-                f"  sample {tokenizer.decode(gen.tokens[0].tolist())!r}")
 
     names = ["reward", "reward_shaped", "kl", "kl_est", "entropy", "pg_loss", "vf_loss", "clip_frac",
              "vf_clip_frac", "approx_kl", "value_mean", "return_mean"]
     acc = torch.zeros(len(names), device=device)
     bad = torch.zeros((), device=device)
-    n_acc, t_train, n_train = 0, 0.0, 0
     evs: list[float] = []  # explained variance per iteration (nan when the returns have no variance)
-    t_last = time.perf_counter()
-
-    def evaluate_and_save(at_end: bool) -> None:
-        nonlocal t_last
-        row = {"step": step, "chars_seen": chars_seen, "val_ce": val_ce()}
-        summary.setdefault("val_ce_first", row["val_ce"])
-        summary["val_ce_last"] = row["val_ce"]
-        tracker.log(row)
-        tracker.print(f"iter {step}: val CE {row['val_ce']:.4f} nats/char, {chars_seen:,} chars seen")
-        if main_proc:
-            tracker.print(sample_text())
-        if args.checkpoint_interval != 0 and step > start_step and (at_end or step % args.checkpoint_interval == 0):
-            rngs = dist.all_gather_object(rng_state())
-            if main_proc:  # the critic first: a policy checkpoint (the `latest` one) always has its critic
-                critic_cfg = value.trunk.config.to_dict() if value.trunk is not None else None
-                save_checkpoint(critic_dir, step, value, None, {"critic": args.critic, "critic_config": critic_cfg},
-                                args.keep_last)
-                state = {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),
-                         "rng": rngs, "world_size": world_size, "chars_seen": chars_seen, "summary": summary}
-                path = save_checkpoint(out_dir, step, policy, optimizer, state, args.keep_last)
-                tracker.print(f"saved {path} (+ critic)")
-        t_last = time.perf_counter()  # eval / save time is not training time
-
+    meter, t_train, n_train = run.Throughput(device), 0.0, 0
     try:
         while True:
             at_end = step >= args.iters
-            if (step == start_step and start_step == 0) or at_end or (
-                    step > start_step and args.eval_interval > 0 and step % args.eval_interval == 0):
-                evaluate_and_save(at_end)
+            evaluate = (step == start_step == 0) or at_end or (step > start_step and run.due(step, args.eval_interval))
+            save = run.save_due(step, start_step, at_end, args.checkpoint_interval, args.eval_interval)
+            with meter.paused():  # eval / save time is not training time
+                if evaluate:
+                    row = {"step": step, "chars_seen": chars_seen,
+                           "val_ce": run.mean_loss(policy, run.chunks(val_x, val_y, 64), autocast)}
+                    run.check_finite(row, step, rd)
+                    summary.setdefault("val_ce_first", row["val_ce"])
+                    summary["val_ce_last"] = row["val_ce"]
+                    tracker.log(row)
+                    tracker.print(f"iter {step}: val CE {row['val_ce']:.4f} nats/char, {chars_seen:,} chars seen")
+                    if env.main:
+                        tracker.print(sample_text(policy, tokenizer, val_x, P, H, args.seed, autocast))
+                if save:
+                    if env.main:  # the critic first: a policy checkpoint (the `latest` one) always has its critic
+                        critic_cfg = value.trunk.config.to_dict() if value.trunk is not None else None
+                        save_checkpoint(critic_dir, step, value, None, {"critic": args.critic,
+                                                                        "critic_config": critic_cfg}, args.keep_last)
+                    run.save(rd, env, step, policy, optimizer,
+                             {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),
+                              "chars_seen": chars_seen, "summary": summary}, args.keep_last, tracker)
             if at_end:
                 break
-            lr = lr_at(step, args.lr, args.min_lr, args.warmup_iters, args.iters)
+            lr = lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.iters)
             set_lr(optimizer, lr)
 
             # --- 1. rollouts ---
@@ -410,7 +300,7 @@ def run(args) -> int:
             x_dev = x.to(device)  # before the rollout (a pageable copy after it would wait for the GPU)
             prompts = x[:, :P]
             with autocast:
-                gen = generate(policy, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, rank, step))
+                gen = generate(policy, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, env.rank, step))
             tokens, mask = gen.tokens, gen.mask  # (B, H); no stop tokens, so mask is all True
             target = x_dev[:, P:]
             inp = torch.cat([x_dev[:, :P], tokens], 1)[:, :-1]  # (B, P + H - 1): predicts every gen char
@@ -426,8 +316,8 @@ def run(args) -> int:
             entropy = masked_mean(token_entropy(logits), mask)
 
             # --- 3-4. KL-penalised rewards, GAE ---
-            match = char_match_rewards(tokens, target, args.reward_mode)
-            rewards = match + args.partial_logprob * logp_old if args.partial_logprob else match
+            match = token_rewards(tokens, target, None, args.reward_mode, 0.0)
+            rewards = token_rewards(tokens, target, logp_old, args.reward_mode, args.partial_logprob)
             beta = kl_coef_at(chars_seen, args.beta_kl, args.kl_warmup_tokens)
             shaped, kl_est = kl_penalized_rewards(rewards, logp_old, logp_ref, mask, beta, args.kl_estimator)
             adv, returns = gae(shaped, values, mask, args.gamma, args.lam)
@@ -436,7 +326,7 @@ def run(args) -> int:
                 adv = whiten(adv, mask)
 
             # --- 5. ppo_epochs x num_minibatches optimizer steps ---
-            shuffle = torch.Generator().manual_seed(rollout_seed(args.seed + 1, rank, step))
+            shuffle = torch.Generator().manual_seed(rollout_seed(args.seed + 1, env.rank, step))
             mb_size = B // args.num_minibatches
             stat = torch.zeros(5, device=device)
             for _ in range(args.ppo_epochs):
@@ -466,24 +356,23 @@ def run(args) -> int:
                                 masked_mean(kl_est, mask), entropy, *stat, masked_mean(values, mask),
                                 masked_mean(returns, mask)])
             evs.append(ev)
-            n_acc += 1
+            meter.tick()
             step += 1
             chars_seen += chars_per_iter
             tracker.update(1)
 
             if step % args.log_interval == 0 or step == args.iters:
-                vals = (dist.all_reduce_mean(acc / n_acc) if ddp else acc / n_acc).tolist()  # syncs the device
-                if dist.all_reduce_max(bad).item() > 0:
-                    raise Diverged(f"loss or gradient norm became NaN/inf at or before iteration {step}; "
-                                   f"last good checkpoint: {latest_checkpoint(out_dir) or 'none'}. Lower --lr.")
-                dt = time.perf_counter() - t_last
+                n_acc = meter.steps
+                vals = (dist.all_reduce_mean(acc / n_acc) if env.ddp else acc / n_acc).tolist()  # syncs the device
+                run.check_flag(bad, step, rd)
+                n_acc, dt = meter.lap()
                 t_train, n_train = t_train + dt, n_train + n_acc
                 finite = [e for e in evs if math.isfinite(e)]
                 ev_mean = sum(finite) / len(finite) if finite else float("nan")
-                if ddp:
+                if env.ddp:
                     ev_mean = dist.all_reduce_mean(ev_mean)
-                row = {"step": step, **dict(zip(names, vals)), "explained_var": ev_mean, "kl_coef": beta, "lr": lr, "chars_seen": chars_seen,
-                       "s_per_iter": dt / n_acc}
+                row = {"step": step, **dict(zip(names, vals)), "explained_var": ev_mean, "kl_coef": beta, "lr": lr,
+                       "chars_seen": chars_seen, "s_per_iter": dt / n_acc}
                 summary.setdefault("reward_first", row["reward"])
                 summary["reward_last"] = row["reward"]
                 tracker.log(row)
@@ -493,28 +382,15 @@ def run(args) -> int:
                               f"{row['s_per_iter']:.3f} s/iter")
                 acc.zero_()
                 evs.clear()
-                n_acc, t_last = 0, time.perf_counter()
     finally:
         tracker.close()
-    if main_proc and n_train:
-        print(f"done: {step} iterations, {chars_seen:,} characters seen, {t_train / n_train:.3f} s/iter "
-              f"(rollouts + updates, this session)\n"
-              f"  mean reward per char: {summary.get('reward_first', float('nan')):.4f} (first log) -> "
-              f"{summary.get('reward_last', float('nan')):.4f} (last log)\n"
-              f"  val CE (nats/char):   {summary.get('val_ce_first', float('nan')):.4f} (first) -> "
-              f"{summary.get('val_ce_last', float('nan')):.4f} (last)")
+    if env.main and n_train:
+        print(done_message(step, chars_seen, t_train / n_train, summary, "rollouts + updates"))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args(argv)
-    try:
-        return run(args)
-    except Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        dist.cleanup()
+    return run.main(train, get_args(argv))
 
 
 if __name__ == "__main__":

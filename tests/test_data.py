@@ -17,6 +17,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_shared_tiktoken if _shared_tikt
                                                 else "/work/shared/data/tiktoken"))
 
 from nanolab import data as D  # noqa: E402
+from nanolab.errors import UsageError  # noqa: E402
 from nanolab.tokenizers import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
 
@@ -74,7 +75,7 @@ def test_offline_download_error_says_where_to_put_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     target = tmp_path / "tinyshakespeare" / "input.txt"
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(UsageError) as e:
         D.load_shakespeare(tmp_path)
     assert str(target) in str(e.value) and "by hand" in str(e.value)
     assert not target.exists()

@@ -15,7 +15,15 @@ import torch
 from safetensors.torch import load_file
 
 from nanolab.losses import categorical_kl
-from nanolab.rewards import BigramLM, bigram_counts, bigram_log_probs, char_match_rewards, reward_to_go
+from nanolab.rewards import (
+    BigramLM,
+    bigram_counts,
+    bigram_log_probs,
+    char_match_rewards,
+    reward_to_go,
+    token_rewards,
+)
+from nanolab.rl import kl_coef_at, token_advantages
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "grpo_char.py"
@@ -69,9 +77,10 @@ def test_deterministic_flag_keeps_cpu_results(grpo, data_dir, tmp_path):
     assert strip(rows(tmp_path / "det")) == strip(rows(tmp_path / "plain"))
 
 
-def test_graph_update_needs_cuda(grpo, data_dir, tmp_path):
-    with pytest.raises(ValueError, match="--graph_update needs one CUDA device"):
-        grpo.main([*TINY, "--iters", "1", "--device", "cpu", "--graph_update", "--out_dir", str(tmp_path / "g")])
+def test_graph_update_needs_cuda(grpo, data_dir, tmp_path, capsys):
+    assert grpo.main([*TINY, "--iters", "1", "--device", "cpu", "--graph_update", "--out_dir",
+                      str(tmp_path / "g")]) == 2
+    assert "--graph_update needs one CUDA device" in capsys.readouterr().err
 
 
 def test_rewards_by_hand(grpo):
@@ -80,7 +89,7 @@ def test_rewards_by_hand(grpo):
     assert char_match_rewards(gen, tgt).tolist() == [[1, 0, 1], [0, 1, 0]]
     assert char_match_rewards(gen, tgt, "pm1").tolist() == [[1, -1, 1], [-1, 1, -1]]
     lp = torch.tensor([[-1.0, -2.0, -0.5], [-4.0, -1.0, -2.0]])
-    r = grpo.token_rewards(gen, tgt, lp, "01", 0.1)
+    r = token_rewards(gen, tgt, lp, "01", 0.1)
     assert torch.allclose(r, torch.tensor([[0.9, -0.2, 0.95], [-0.4, 0.9, -0.2]]))
     with pytest.raises(ValueError, match="reward mode"):
         char_match_rewards(gen, tgt, "bogus")
@@ -96,29 +105,29 @@ def test_reward_to_go_by_hand():
     assert torch.allclose(reward_to_go(r, 0.5, mask), torch.tensor([[1.25, 0.5, 1.0, 0.0]]))
 
 
-def test_advantages_by_hand(grpo):
+def test_advantages_by_hand():
     # two groups of 2 rows, 2 offsets; per offset the group mean is subtracted
     r = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
-    a = grpo.compute_advantages(r, 2, "token", 1.0, "none")
+    a = token_advantages(r, 2, "token", 1.0, "none")
     assert torch.allclose(a, torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.5], [0.0, -0.5]]))
     # group std per offset (unbiased, n = 2): std of {1, 0} is sqrt(.5); a column of equal rewards stays 0
-    a = grpo.compute_advantages(r, 2, "token", 1.0, "group")
+    a = token_advantages(r, 2, "token", 1.0, "group")
     s = 0.5 / (math.sqrt(0.5) + 1e-6)
     assert torch.allclose(a, torch.tensor([[s, 0.0], [-s, 0.0], [0.0, s], [0.0, -s]]), atol=1e-6)
     # batch std: of all 8 rewards (4 ones, mean 1/2): var = 8 * (1/2)^2 / 7
-    a = grpo.compute_advantages(r, 2, "token", 1.0, "batch")
+    a = token_advantages(r, 2, "token", 1.0, "batch")
     sd = math.sqrt(2 / 7)
     assert torch.allclose(a, torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.0, 0.5], [0.0, -0.5]]) / (sd + 1e-6))
     # return credit with gamma 1: R = [[1, 0], [0, 0], [2, 1], [1, 0]] -> minus group means per offset
-    a = grpo.compute_advantages(r, 2, "return", 1.0, "none")
+    a = token_advantages(r, 2, "return", 1.0, "none")
     assert torch.allclose(a, torch.tensor([[0.5, 0.0], [-0.5, 0.0], [0.5, 0.5], [-0.5, -0.5]]))
 
 
-def test_kl_coef_warmup(grpo):
-    assert grpo.kl_coef_at(0, 1e-3, 1000) == 0.0
-    assert grpo.kl_coef_at(500, 1e-3, 1000) == pytest.approx(5e-4)
-    assert grpo.kl_coef_at(5000, 1e-3, 1000) == pytest.approx(1e-3)
-    assert grpo.kl_coef_at(0, 1e-3, 0) == 1e-3
+def test_kl_coef_warmup():
+    assert kl_coef_at(0, 1e-3, 1000) == 0.0
+    assert kl_coef_at(500, 1e-3, 1000) == pytest.approx(5e-4)
+    assert kl_coef_at(5000, 1e-3, 1000) == pytest.approx(1e-3)
+    assert kl_coef_at(0, 1e-3, 0) == 1e-3
 
 
 def test_bigram_reference_by_hand():
@@ -170,22 +179,26 @@ def test_tiny_run_then_exact_resume(grpo, data_dir, tmp_path, monkeypatch, one_t
     assert state["chars_seen"] == 3 * 64 and state["summary"]["reward_first"] == train_rows[0]["reward"]
 
 
-def test_rejects_existing_run_and_short_block(grpo, data_dir, tmp_path, monkeypatch, one_thread):
+def test_rejects_existing_run_and_short_block(grpo, data_dir, tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setenv("NANOLAB_DATA_DIR", str(data_dir))
     out = tmp_path / "run"
     assert grpo.main(TINY + ["--iters", "1", "--eval_interval", "0", "--out_dir", str(out)]) == 0
-    with pytest.raises(ValueError, match="already holds checkpoints"):
-        grpo.main(TINY + ["--iters", "1", "--out_dir", str(out)])
-    with pytest.raises(ValueError, match="block_size"):
-        grpo.main(TINY + ["--iters", "1", "--block_size", "8", "--out_dir", str(tmp_path / "b")])
+    capsys.readouterr()
+    assert grpo.main(TINY + ["--iters", "1", "--out_dir", str(out)]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert grpo.main(TINY + ["--iters", "1", "--block_size", "8", "--out_dir", str(tmp_path / "b")]) == 2
+    assert "block_size 8 < prompt_len + horizon = 10" in capsys.readouterr().err
     # --init_from a checkpoint: the random reference is that checkpoint, so the first KL is 0
     init = tmp_path / "init"
-    assert grpo.main(TINY + ["--iters", "1", "--eval_interval", "0", "--init_from", str(out), "--reference", "random",
-                             "--out_dir", str(init)]) == 0
+    no_dims = TINY[6:]  # dims have no effect with --init_from (an error)
+    assert no_dims[0] == "--horizon"
+    assert grpo.main(no_dims + ["--iters", "1", "--eval_interval", "0", "--init_from", str(out), "--reference",
+                                "random", "--out_dir", str(init)]) == 0
     assert abs([r for r in rows(init) if "kl" in r][0]["kl"]) < 1e-6
-    with pytest.raises(ValueError, match="block_size 64 < prompt_len"):  # --init_from a checkpoint too short
-        grpo.main(TINY + ["--iters", "1", "--horizon", "70", "--init_from", str(out),
-                          "--out_dir", str(tmp_path / "c")])
+    capsys.readouterr()
+    assert grpo.main(no_dims + ["--iters", "1", "--horizon", "70", "--init_from", str(out),  # checkpoint too short
+                                "--out_dir", str(tmp_path / "c")]) == 2
+    assert "block_size 64 < prompt_len" in capsys.readouterr().err
 
 
 def test_learning_signal(grpo, data_dir, tmp_path, monkeypatch, one_thread):

@@ -142,14 +142,21 @@ def test_nan_stops_and_keeps_last_good_checkpoint(train, data_dir, tmp_path, mon
     assert (out / "latest").read_text().strip() == "step000010"
 
 
-def test_init_from_checkpoint_and_hf_folder(train, data_dir, tmp_path, monkeypatch, one_thread):
+def test_init_from_checkpoint_and_hf_folder(train, data_dir, tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setenv("NANOLAB_DATA_DIR", str(data_dir))
     base = TINY + ["--batch_size", "2", "--sample_len", "0", "--eval_interval", "4"]
     src = tmp_path / "src"
     assert train.main(base + ["--max_iters", "4", "--out_dir", str(src)]) == 0
-    with pytest.raises(ValueError, match="already holds checkpoints"):  # never silently mix two runs
-        train.main(base + ["--max_iters", "4", "--out_dir", str(src)])
+    capsys.readouterr()
+    assert train.main(base + ["--max_iters", "4", "--out_dir", str(src)]) == 2  # never silently mix two runs
+    assert "already holds checkpoints" in capsys.readouterr().err
+    # dims have no effect with --init_from: an error, not silently ignored
+    with pytest.raises(SystemExit) as e:
+        train.main(base + ["--max_iters", "0", "--init_from", str(src), "--out_dir", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--n_layer, --n_head, --n_embd has no effect with --init_from" in capsys.readouterr().err
     # --init_from a run folder: step 0 of the new run evaluates exactly the source's final weights
+    base = base[6:]  # without --n_layer/--n_head/--n_embd
+    assert base[0] == "--block_size"
     assert train.main(base + ["--max_iters", "0", "--init_from", str(src), "--out_dir", str(tmp_path / "ft")]) == 0
     assert losses(tmp_path / "ft")[0][2] == losses(src)[-1][2]
 
