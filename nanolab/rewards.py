@@ -1,18 +1,28 @@
-"""Dense per-token rewards for character-level RL (scripts/grpo_char.py), and the bigram reference model.
+"""Where reward functions live: dense per-token rewards of the char task (grpo_char.py, ppo.py), the bigram
+reference model, and sequence-level Python rewards fn(prompt, completion, **kwargs) -> float (grpo.py).
 
     r = char_match_rewards(generated, target, mode="01")     # (N, H): 1 where the sampled char is the true one
     R = reward_to_go(r, gamma=0.9)                            # (N, H): R_t = sum_{k >= t} gamma^(k-t) r_k
     logp = bigram_log_probs(train_ids, vocab_size=65)         # (V, V): smoothed log p(next | prev)
     ref = BigramLM(logp); logits = ref(idx)                   # (B, T, V) = logp[idx]: next-char logits
+    fn = load_reward_fn("target_token_frequency")             # a built-in, module:function or file.py:function
+    R = sequence_rewards(fn, prompts, completions, {"target": " the"})   # (N,) float32
 
 Pure torch / numpy; no model or script imports.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .errors import UsageError
 
 REWARD_MODES = ("01", "pm1")
 
@@ -105,3 +115,84 @@ def token_rewards(generated: torch.Tensor, target: torch.Tensor, logprobs: torch
             raise ValueError("partial_logprob needs the sampled tokens' log-probs")
         r = r + partial_logprob * logprobs.detach().float()
     return r
+
+
+# ----------------------------------------------------------------------------- sequence-level rewards (grpo.py)
+# fn(prompt_text, completion_text, **kwargs) -> float
+
+
+def target_token_frequency(prompt: str, completion: str, target: str = " the") -> float:
+    """Fraction of the completion's characters covered by (non-overlapping) occurrences of `target`, in [0, 1]:
+    count(target) * len(target) / len(completion); 0 for an empty completion. Maximal when the completion is
+    nothing but `target` repeated, so a policy learns to say `target` as often as it can."""
+    if not target:
+        raise ValueError("target_token_frequency: target must be a non-empty string")
+    return completion.count(target) * len(target) / len(completion) if completion else 0.0
+
+
+def keyword_presence(prompt: str, completion: str, target: str = " the") -> float:
+    """1.0 if `target` occurs in the completion, else 0.0."""
+    return float(target in completion)
+
+
+def completion_length(prompt: str, completion: str, scale: float = 100.0) -> float:
+    """len(completion) / scale: with a --stop token this teaches when (not) to stop."""
+    return len(completion) / scale
+
+
+def unique_word_ratio(prompt: str, completion: str) -> float:
+    """distinct words / words of the completion (whitespace split), 0 when it has none: rewards variety."""
+    words = completion.split()
+    return len(set(words)) / len(words) if words else 0.0
+
+
+REWARD_FNS: dict[str, Callable[..., float]] = {
+    "target_token_frequency": target_token_frequency,
+    "keyword_presence": keyword_presence,
+    "completion_length": completion_length,
+    "unique_word_ratio": unique_word_ratio,
+}
+
+
+def load_reward_fn(spec: str) -> Callable[..., float]:
+    """A reward function by name: a key of REWARD_FNS, 'package.module:function', or 'path/to/file.py:function'.
+    It is called as fn(prompt_text, completion_text, **reward_kwargs) and must return a float."""
+    if spec in REWARD_FNS:
+        return REWARD_FNS[spec]
+    if ":" not in spec:
+        raise UsageError(f"--reward_fn {spec!r}: not a built-in ({', '.join(sorted(REWARD_FNS))}) and not of the "
+                         "form module:function or path/to/file.py:function")
+    where, name = spec.rsplit(":", 1)
+    try:
+        if where.endswith(".py"):
+            file = Path(where)
+            if not file.is_file():
+                raise FileNotFoundError(f"no file {file}")
+            mod_spec = importlib.util.spec_from_file_location(f"_reward_{file.stem}", file)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except (ImportError, FileNotFoundError) as e:
+        raise UsageError(f"--reward_fn {spec!r}: cannot import {where!r} ({type(e).__name__}: {e})") from e
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UsageError(f"--reward_fn {spec!r}: {where!r} has no callable {name!r}")
+    return fn
+
+
+def sequence_rewards(fn: Callable[..., float], prompts: list[str], completions: list[str],
+                     kwargs: dict) -> torch.Tensor:
+    """(N,) float32 rewards fn(prompt, completion, **kwargs); a non-finite or non-number result raises."""
+    out = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        r = fn(p, c, **kwargs)
+        try:
+            r = float(r)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"reward function returned {r!r} (a {type(r).__name__}) for completion {i}; "
+                            "it must return a float") from e
+        if not np.isfinite(r):
+            raise ValueError(f"reward function returned {r} for completion {i} ({c[:80]!r})")
+        out.append(r)
+    return torch.tensor(out, dtype=torch.float32)

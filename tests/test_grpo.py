@@ -3,6 +3,7 @@ loss type, exact resume, the BPE continuation task, and a tiny model learning a 
 
 import importlib.util
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ _shared_tiktoken = REPO.parent / "shared" / "data" / "tiktoken"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_shared_tiktoken if _shared_tiktoken.is_dir()
                                                 else "/work/shared/data/tiktoken"))
 
+from nanolab import rewards, sampler  # noqa: E402
 from nanolab.losses import token_logprobs  # noqa: E402
 from nanolab.models import build_model, preset  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
@@ -69,36 +71,36 @@ def test_help(grpo, capsys):
 
 
 def test_reward_functions(grpo, tmp_path):
-    f = grpo.REWARD_FNS["target_token_frequency"]
+    f = rewards.REWARD_FNS["target_token_frequency"]
     assert f("", " the the") == 1.0
     assert f("", " the cat") == pytest.approx(4 / 8)
     assert f("", "") == 0.0 and f("", "xyz", target="y") == pytest.approx(1 / 3)
-    assert grpo.REWARD_FNS["keyword_presence"]("", "a the b") == 1.0
-    assert grpo.REWARD_FNS["unique_word_ratio"]("", "a a b b") == 0.5
-    assert grpo.load_reward_fn("completion_length") is grpo.completion_length
-    assert grpo.load_reward_fn("os.path:join") is os.path.join  # module:function
+    assert rewards.REWARD_FNS["keyword_presence"]("", "a the b") == 1.0
+    assert rewards.REWARD_FNS["unique_word_ratio"]("", "a a b b") == 0.5
+    assert rewards.load_reward_fn("completion_length") is rewards.completion_length
+    assert rewards.load_reward_fn("os.path:join") is os.path.join  # module:function
     (tmp_path / "myreward.py").write_text("def score(prompt, completion, bonus=0.0):\n"
                                           "    return len(prompt) + len(completion) + bonus\n")
-    fn = grpo.load_reward_fn(f"{tmp_path / 'myreward.py'}:score")
-    assert grpo.sequence_rewards(fn, ["ab", "c"], ["x", ""], {"bonus": 0.5}).tolist() == [3.5, 1.5]
+    fn = rewards.load_reward_fn(f"{tmp_path / 'myreward.py'}:score")
+    assert rewards.sequence_rewards(fn, ["ab", "c"], ["x", ""], {"bonus": 0.5}).tolist() == [3.5, 1.5]
     with pytest.raises(ValueError, match="no_such_reward"):
-        grpo.load_reward_fn("no_such_reward")
+        rewards.load_reward_fn("no_such_reward")
     with pytest.raises(ValueError, match="no callable"):
-        grpo.load_reward_fn("os.path:nope")
+        rewards.load_reward_fn("os.path:nope")
     with pytest.raises(TypeError, match="must return a float"):
-        grpo.sequence_rewards(lambda p, c: "high", ["p"], ["c"], {})
+        rewards.sequence_rewards(lambda p, c: "high", ["p"], ["c"], {})
     with pytest.raises(SystemExit):  # --reward_kwargs must be a JSON object
         grpo.get_args(["--reward_kwargs", "[1, 2]"])
 
 
 def test_stops_and_completion_texts(grpo, tokenizer):
-    toks, strs = grpo.parse_stops(["<|endoftext|>", "13", "\\n", "END"], tokenizer, 50257)
+    toks, strs = sampler.parse_stops(["<|endoftext|>", "13", "\\n", "END"], tokenizer, 50257)
     assert toks == [50256, 13] and strs == ["\n", "END"]
-    assert grpo.parse_stops(["é\\t—"], tokenizer, 50257) == ([], ["é\t—"])  # escapes decoded, text kept
+    assert sampler.parse_stops(["é\\t—"], tokenizer, 50257) == ([], ["é\t—"])  # escapes decoded, text kept
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        grpo.parse_stops(["<|endoftext|>"], tokenizer, 512)
+        sampler.parse_stops(["<|endoftext|>"], tokenizer, 512)
     a, b = tokenizer.encode(" the cat"), tokenizer.encode(" sat\n down")
-    texts = grpo.completion_texts(tokenizer, [a + [50256], b, a], [True, True, False], [50256], ["\n"])
+    texts = sampler.completion_texts(tokenizer, [a + [50256], b, a], [True, True, False], [50256], ["\n"])
     assert texts == [" the cat", " sat", " the cat"]
 
 
@@ -139,11 +141,12 @@ def test_loss_types_and_stops_run(grpo, tmp_path, one_thread, loss_type):
     rs = train_rows(out)
     assert [r["step"] for r in rs] == [1, 2]
     for r in rs:
-        assert all(isinstance(r[k], float) for k in ("reward", "loss", "kl", "entropy", "clip_frac"))
+        assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in ("reward", "loss", "kl", "entropy",
+                                                                             "clip_frac"))
         assert 0 < r["completion_len"] <= 12 and 0 <= r["stop_frac"] <= 1
 
 
-def test_exact_resume(grpo, tmp_path, one_thread):
+def test_exact_resume(grpo, tmp_path, capsys, one_thread):
     """3 iterations + --resume to 6 == 6 iterations straight (constant lr: the schedule ignores --iters)."""
     common = [*TOY, "--batch_size", "4", "--group_size", "4", "--max_new_tokens", "6", "--lr", "3e-3", "--min_lr", "3e-3", "--warmup_iters", "0", "--ppo_epochs", "2",
               "--num_minibatches", "2", "--loss_type", "dapo", "--checkpoint_interval", "3"]
@@ -156,10 +159,15 @@ def test_exact_resume(grpo, tmp_path, one_thread):
     wa, wb = (load_file(str(tmp_path / d / "step000006" / "model.safetensors")) for d in "ab")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
-    with pytest.raises(ValueError, match="already holds checkpoints"):
-        grpo.main([*common, "--iters", "6", "--out_dir", str(tmp_path / "a")])
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
-        grpo.main([*TOY, "--prompt_text", "ROMEO:", "--iters", "1", "--out_dir", str(tmp_path / "c")])
+    capsys.readouterr()
+    assert grpo.main([*common, "--iters", "6", "--out_dir", str(tmp_path / "a")]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert grpo.main([*TOY, "--prompt_text", "ROMEO:", "--iters", "1", "--out_dir", str(tmp_path / "c")]) == 2
+    assert "outside the model's vocabulary" in capsys.readouterr().err
+    # a reward target the vocabulary cannot produce: " Romeo" is not among the first 512 BPE ids
+    assert grpo.main([*TOY, "--reward_kwargs", '{"target": " Romeo"}', "--iters", "1",
+                      "--out_dir", str(tmp_path / "d")]) == 2
+    assert "cannot produce" in capsys.readouterr().err
 
 
 def test_continuation_task(grpo, tmp_path, tokenizer, one_thread):
