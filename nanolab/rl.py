@@ -1,6 +1,6 @@
 """Pure pieces the RL scripts share (grpo_char.py, grpo.py, ppo.py): credit assignment and advantages, the KL
-warm-up, per-iteration seeds and fixed validation windows. Tensors in, tensors out: nothing here reads flags,
-builds models or touches files."""
+warm-up, per-iteration seeds, fixed validation windows, and teacher-forcing inputs for sampled completions.
+Tensors in, tensors out: nothing here reads flags, builds models or touches files."""
 
 from __future__ import annotations
 
@@ -49,3 +49,28 @@ def val_windows(val_data, n: int, length: int) -> tuple[torch.Tensor, torch.Tens
 def default_block_size(preset_block: int, needed: int) -> int:
     """The preset's context if it fits prompt + horizon, else that length rounded up to a multiple of 64."""
     return preset_block if preset_block >= needed else -(-needed // 64) * 64
+
+
+def build_sequences(prompts: list[list[int]], tokens: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
+    """Teacher-forcing inputs for N completions. prompts: N token lists (ragged), tokens (N, M).
+
+    Row i is prompt_i + tokens_i, right-padded to P_max + M (so every row keeps positions 0.. as in the sampler,
+    which gives a left-padded row the positions slot - n_pad). Returns idx (N, P_max + M - 1) (the last token is
+    never an input) and pos (N, M): the input position whose logits predict tokens[i, j], = len(prompt_i) - 1 + j.
+    """
+    N, M = tokens.shape
+    lens = torch.tensor([len(p) for p in prompts])
+    P = int(lens.max())
+    seq = torch.full((N, P + M), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        seq[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    cols = lens[:, None] + torch.arange(M)[None, :]
+    seq.scatter_(1, cols, tokens.cpu())
+    return seq[:, :-1].to(tokens.device), (cols - 1).to(tokens.device)
+
+
+def completion_logits(model, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The logits (N, M, V) that predict each completion token: model(idx) gathered at pos (N, M)."""
+    logits = model(idx)[0]
+    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))

@@ -253,8 +253,8 @@ def _lock(path: Path) -> None:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise UsageError(f"{path} is in use by another run (pid {holder}); wait for it or choose another "
-                         "--out_dir") from None
+        raise UsageError(f"{path} is in use by another run (pid {holder}); wait for it or choose another run "
+                         "folder") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -300,14 +300,14 @@ def open_run(out_dir: str | os.PathLike, env: Env, script: str, resume: str | No
         _lock(path)
         marker = read_marker(path)
         if marker is not None and marker.get("script") not in (None, script):
-            raise UsageError(f"{path} is a run folder of {marker['script']}, not {script}; choose another --out_dir")
+            raise UsageError(f"{path} is a run folder of {marker['script']}, not {script}; choose another run folder")
         if marker is None:
             atomic_write(path / RUN_MARKER, json.dumps({"script": script, "created": time.time()}) + "\n")
     dist.barrier()
     has_ckpt = bool(step_dirs(path))
     if resume is None and has_ckpt:
         raise UsageError(f"{path} already holds checkpoints; pass --resume to continue that run, "
-                         "or choose another --out_dir")
+                         "or choose another run folder")
     if resume == "must" and not has_ckpt:
         raise UsageError(f"--resume: {path} holds no checkpoint to resume (use `--resume auto` to start fresh "
                          "when there is none)")

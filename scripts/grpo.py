@@ -50,37 +50,9 @@ from nanolab.losses import group_advantages, grpo_loss, masked_mean, token_entro
 from nanolab.models import FAMILIES
 from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
 from nanolab.rewards import REWARD_FNS, REWARD_MODES, char_match_rewards, load_reward_fn, sequence_rewards
-from nanolab.rl import rollout_seed, token_advantages, val_windows
+from nanolab.rl import build_sequences, completion_logits, rollout_seed, token_advantages, val_windows
 from nanolab.sampler import EOT_TEXT, completion_texts, generate, parse_stops
 from nanolab.tokenizers import GPT2Tokenizer
-
-# ----------------------------------------------------------------------------- the pieces (tested directly)
-
-
-def build_sequences(prompts: list[list[int]], tokens: torch.Tensor, pad_id: int = 0) -> tuple[torch.Tensor,
-                                                                                             torch.Tensor]:
-    """Teacher-forcing inputs for N completions. prompts: N token lists (ragged), tokens (N, M).
-
-    Row i is prompt_i + tokens_i, right-padded to P_max + M (so every row keeps positions 0.. as in the sampler,
-    which gives a left-padded row the positions slot - n_pad). Returns idx (N, P_max + M - 1) (the last token is
-    never an input) and pos (N, M): the input position whose logits predict tokens[i, j], = len(prompt_i) - 1 + j.
-    """
-    N, M = tokens.shape
-    lens = torch.tensor([len(p) for p in prompts])
-    P = int(lens.max())
-    seq = torch.full((N, P + M), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        seq[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    cols = lens[:, None] + torch.arange(M)[None, :]
-    seq.scatter_(1, cols, tokens.cpu())
-    return seq[:, :-1].to(tokens.device), (cols - 1).to(tokens.device)
-
-
-def completion_logits(model, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The logits (N, M, V) that predict each completion token: model(idx) gathered at pos (N, M)."""
-    logits = model(idx)[0]
-    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))
-
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,6 +20,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_shared_tiktoken if _shared_tikt
 from nanolab import rewards, sampler  # noqa: E402
 from nanolab.losses import token_logprobs  # noqa: E402
 from nanolab.models import build_model, preset  # noqa: E402
+from nanolab.rl import build_sequences, completion_logits  # noqa: E402
 from nanolab.sampler import generate  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "grpo.py"
@@ -112,10 +113,10 @@ def test_logprobs_match_the_sampler_for_ragged_prompts(grpo, one_thread):
     prompts = [[5, 6, 7, 8, 9], [3], [11, 12]]
     gen = generate(model, prompts, 8, seed=3, group_size=2, stop_tokens=[7, 8], return_logprobs=True)
     assert not gen.mask.all() and gen.mask[:, 0].all()  # some rows stopped early
-    idx, pos = grpo.build_sequences(gen.prompts, gen.tokens)
+    idx, pos = build_sequences(gen.prompts, gen.tokens)
     assert idx.shape == (6, 5 + 8 - 1) and pos[0].tolist() == list(range(4, 12)) and pos[2, 0] == 0
     with torch.no_grad():
-        logp = token_logprobs(grpo.completion_logits(model, idx, pos), gen.tokens)
+        logp = token_logprobs(completion_logits(model, idx, pos), gen.tokens)
     torch.testing.assert_close(logp[gen.mask], gen.logprobs[gen.mask], atol=1e-4, rtol=1e-4)
 
 
