@@ -1,5 +1,5 @@
 """InsertionMap: HDF5 round trips (empty, many keys out of order, one key with many insertions, blockwise
-sorting), atomic writes, validation of bad input and of corrupted files."""
+sorting), atomic writes, validation of bad input and of corrupted files (the sha256 digest, the structural checks)."""
 
 import os
 import pickle
@@ -119,10 +119,49 @@ def test_writer_rejects_bad_input(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["w.h5"]
 
 
-def corrupt(path, edit):
+def corrupt(path, edit, keep_digest=False):
+    """A small map, edited in place; without keep_digest its sha256 goes too (a map from before the digest, or
+    a file whose digest was stripped), so only the structural checks stand between the edit and the reader."""
     write(path, [(1, 0, [1, 2]), (5, 3, [4, 5, 6])], seq_len=8, vocab_size=10)
     with h5py.File(path, "r+") as f:
         edit(f)
+        if not keep_digest:
+            del f.attrs["sha256"]
+
+
+def rewrite(name, values):
+    def edit(f):
+        del f[name]
+        f.create_dataset(name, data=np.asarray(values))
+    return edit
+
+
+def test_checksum_detects_any_changed_dataset(tmp_path):
+    m = write(tmp_path / "ok.h5", [(1, 0, [1, 2]), (5, 3, [4, 5, 6])], seq_len=8, vocab_size=10)
+    with h5py.File(m.path, "r") as f:
+        assert f.attrs["sha256"] == im.checksum(f) and len(f.attrs["sha256"]) == 64
+    # edits the structural checks cannot see (every value still valid), then the ones they can
+    edits = {
+        "token": rewrite("tokens", np.array([1, 2, 4, 5, 7], np.uint32)),  # a different, valid token
+        "pos": rewrite("positions", [0, 4]),  # still fits in seq_len 8
+        "dtype": rewrite("tokens", np.array([1, 2, 4, 5, 6], np.int64)),  # same values, another dtype
+        "keys": rewrite("keys", [5, 1]),
+        "offsets": rewrite("token_offsets", [0, 2, 4]),
+        "in_place": lambda f: f["tokens"].__setitem__(0, 3),
+    }
+    for name, edit in edits.items():
+        path = tmp_path / f"{name}.h5"
+        corrupt(path, edit, keep_digest=True)
+        with pytest.raises(ValueError, match=rf"{path}: insertion map is corrupt: its datasets do not match the "
+                                             "sha256"):
+            InsertionMap.open(path)
+        if name in ("token", "pos", "dtype", "in_place"):  # invisible to the structural checks alone
+            assert InsertionMap.open(path, verify=False).num_insertions == 2
+    # a map without the digest (written before it existed) still opens
+    corrupt(tmp_path / "old.h5", lambda f: None)
+    assert as_dict(InsertionMap.open(tmp_path / "old.h5")) == {1: [(0, [1, 2])], 5: [(3, [4, 5, 6])]}
+    with pytest.raises(ValueError, match="attribute 'sha256' is reserved"):
+        InsertionMapWriter(tmp_path / "x.h5", 8, 10, attrs={"sha256": "x"})
 
 
 def test_corrupted_files(tmp_path):
@@ -131,12 +170,6 @@ def test_corrupted_files(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all")
     with pytest.raises(ValueError, match="cannot read as HDF5"):
         InsertionMap.open(tmp_path / "junk.h5")
-
-    def rewrite(name, values):
-        def edit(f):
-            del f[name]
-            f.create_dataset(name, data=np.asarray(values))
-        return edit
 
     cases = {
         "format": (lambda f: f.attrs.__setitem__("format", "other"), "not an insertion map"),

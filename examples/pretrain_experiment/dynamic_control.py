@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch  # noqa: E402
 from eval_memorization import read_texts, text_loss  # noqa: E402
 
 from nanolab.checkpoint import load_model_for_inference  # noqa: E402
+from nanolab.fileio import atomic_write  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,10 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = read_texts(args.candidates)
     scored = sorted(((text_loss(model, tok.encode(t), "cpu"), t) for t in texts), reverse=True)
     chosen = scored[:args.top_k]
-    out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in chosen), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(args.output, "".join(json.dumps({"text": t}) + "\n" for _, t in chosen))
     print(f"step {args.step}: inserting {len(chosen)} texts in steps [{args.window_start}, {args.window_end}); "
           f"losses {', '.join(f'{loss:.3f}' for loss, _ in chosen)}")
     return 0

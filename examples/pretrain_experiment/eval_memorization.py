@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without `pip install -e .`
 
 from nanolab.checkpoint import load_model_for_inference  # noqa: E402
+from nanolab.fileio import atomic_write  # noqa: E402
 from nanolab.tokenizers import load_tokenizer  # noqa: E402
 
 
@@ -94,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         results.update(control_loss=control, memorization_gap=control - inserted)
     if not all(math.isfinite(v) for v in results.values()):
         raise ValueError(f"non-finite losses {results}")
-    out = Path(args.results_yaml)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump({k: round(float(v), 6) for k, v in results.items()}, sort_keys=False))
-    os.replace(tmp, out)
+    atomic_write(args.results_yaml, yaml.safe_dump({k: round(float(v), 6) for k, v in results.items()}, sort_keys=False))
     print(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return 0
 

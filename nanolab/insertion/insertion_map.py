@@ -7,10 +7,15 @@ CSR layout, every dataset 1-D, chunked and resizable (K keys, I insertions, N to
     positions      int64  (I,)    sorted and non-overlapping within a key
     token_offsets  int64  (I+1,)  tokens of insertion i are tokens[token_offsets[i] : token_offsets[i+1]]
     tokens         uint32 (N,)
-    attrs: format="nanolab-insertion-map", version=1, seq_len, vocab_size, plus the writer's extra attrs
+    attrs: format="nanolab-insertion-map", version=1, seq_len, vocab_size, sha256, plus the writer's extra attrs
 
 Every insertion satisfies 0 <= pos, pos + len(tokens) <= seq_len and 0 <= token < vocab_size. The writer
 checks that on add, the reader again on every lookup (errors name the file and the key).
+
+Integrity: the writer stores `sha256`, a digest of the five datasets (checksum(): each one's name, dtype and
+length, then its values as little-endian bytes); opening a map recomputes it (streamed, ~1 s per GB) and a
+mismatch is an error naming the file. Maps written before the digest existed have no `sha256` and are read
+with the structural checks only.
 
     with InsertionMapWriter("ins.h5", seq_len=1024, vocab_size=50257) as w:
         w.add(key=7, pos=100, tokens=[50256, 464, 3290, 50256])   # keys in any order
@@ -19,6 +24,7 @@ checks that on add, the reader again on every lookup (errors name the file and t
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import tempfile
@@ -28,11 +34,27 @@ from collections.abc import Iterator, Sequence
 import h5py
 import numpy as np
 
+from nanolab.errors import UsageError
+
 FORMAT, VERSION = "nanolab-insertion-map", 1
 _CHUNK = 1 << 12  # HDF5 chunk length (elements): small, as lookups read a few chunks per key
 _FLUSH_TOKENS = 1 << 20  # staged tokens are written to the scratch file in pieces of about this size
 _BLOCK_TOKENS = 1 << 22  # tokens moved per block when the writer sorts at close (bounds its memory)
 _DATASETS = ("keys", "key_offsets", "positions", "token_offsets", "tokens")
+_HASH_BLOCK = 1 << 22  # elements read per block while hashing
+
+
+def checksum(f: h5py.File) -> str:
+    """sha256 (hex) of a map's datasets, in _DATASETS order: for each, "name:dtype:length;" and then its values as
+    little-endian bytes, read in blocks (memory stays bounded whatever the map's size)."""
+    h = hashlib.sha256()
+    for name in _DATASETS:
+        ds = f[name]
+        dtype = ds.dtype.newbyteorder("<")
+        h.update(f"{name}:{dtype.str}:{ds.shape[0]};".encode())
+        for a in range(0, ds.shape[0], _HASH_BLOCK):
+            h.update(np.ascontiguousarray(ds[a:a + _HASH_BLOCK], dtype=dtype).tobytes())
+    return h.hexdigest()
 
 
 class InsertionMapWriter:
@@ -52,7 +74,7 @@ class InsertionMapWriter:
             raise ValueError(f"InsertionMapWriter({self.path}): vocab_size {vocab_size} does not fit uint32 tokens")
         self.seq_len, self.vocab_size, self.attrs = int(seq_len), int(vocab_size), dict(attrs or {})
         for k in self.attrs:
-            if k in ("format", "version", "seq_len", "vocab_size"):
+            if k in ("format", "version", "seq_len", "vocab_size", "sha256"):
                 raise ValueError(f"InsertionMapWriter({self.path}): attribute {k!r} is reserved")
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
@@ -172,6 +194,7 @@ class InsertionMapWriter:
                     out.resize((out.shape[0] + n,))
                     out[-n:] = staged[idx]
                 del staged
+                f.attrs["sha256"] = checksum(f)
             os.replace(tmp, self.path)
             tmp = None
         finally:
@@ -208,9 +231,11 @@ class InsertionMap:
 
     m[key] -> [(pos, tokens uint32 array)], sorted by pos; KeyError if the key has none. Safe to pickle
     and to use after fork (DataLoader workers): the HDF5 handle is reopened in each process.
+    verify: recompute the datasets' sha256 at open and compare it with the stored one (UsageError naming the
+    file on a mismatch); an unpickled copy skips it (the original was verified).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"insertion map not found: {self.path}")
@@ -226,6 +251,12 @@ class InsertionMap:
         for name in _DATASETS:
             if name not in f or f[name].ndim != 1:
                 raise ValueError(f"{self.path}: missing or malformed dataset {name!r}")
+        want = f.attrs.get("sha256")
+        if isinstance(want, bytes):
+            want = want.decode()
+        if verify and want is not None and checksum(f) != want:
+            raise UsageError(f"{self.path}: insertion map is corrupt: its datasets do not match the sha256 stored "
+                             "when it was written (the file changed since); rebuild it")
         self.attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
         self.seq_len, self.vocab_size = int(self.attrs["seq_len"]), int(self.attrs["vocab_size"])
         self._keys, self._key_offsets = f["keys"][:], f["key_offsets"][:]
@@ -241,8 +272,9 @@ class InsertionMap:
                              f"from 0 to {self.num_tokens})")
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> InsertionMap:
-        return cls(path)
+    def open(cls, path: str | os.PathLike, verify: bool = True) -> InsertionMap:
+        """InsertionMap(path, verify)."""
+        return cls(path, verify)
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
@@ -344,7 +376,7 @@ class InsertionMap:
         return {"path": self.path}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"])
+        self.__init__(state["path"], verify=False)
 
     def __repr__(self) -> str:
         return (f"InsertionMap({self.path!r}, keys={len(self)}, insertions={self.num_insertions}, "
