@@ -123,6 +123,22 @@ def add_run_args(p: argparse.ArgumentParser, out_dir: str, *, keep_last: int | N
            "per GRPO iteration on an H200 at 4x128). CPU runs are reproducible without it")
 
 
+def parse(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """p.parse_args(argv), plus `flags_given`: the sorted dests of the flags on the command line (a resumed run
+    takes the flags that were not given from its checkpoint; see open_run)."""
+    args = p.parse_args(argv)
+    saved = [(a, a.default) for a in p._actions]
+    try:  # parse again with no defaults: only what was given remains
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        given, _ = p.parse_known_args(argv)
+    finally:
+        for a, default in saved:
+            a.default = default
+    args.flags_given = sorted(vars(given))
+    return args
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, *, positive: Iterable[str] = (),
                nonnegative: Iterable[str] = (), unit_open: Iterable[str] = (), unit_closed: Iterable[str] = ()) -> None:
     """Range checks (argparse's error: usage + one line, exit 2). Named flags that are None are skipped; the
@@ -283,14 +299,16 @@ def _jsonable(meaning: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(meaning))  # tuples -> lists, as a checkpoint will hold them
 
 
-def open_run(out_dir: str | os.PathLike, env: Env, script: str, resume: str | None,
-             meaning: dict[str, Any]) -> RunDir:
+def open_run(out_dir: str | os.PathLike, env: Env, script: str, resume: str | None, meaning: dict[str, Any],
+             args: argparse.Namespace | None = None) -> RunDir:
     """Take the run folder for this run: lock it (rank 0), mark it as a `script` run, and decide start or resume.
 
     resume None: the folder must hold no checkpoint (a fresh run never mixes with an old one). "must": it must
     hold one (a mistyped --out_dir must not silently start fresh). "auto": resume if it holds one, else start.
-    A resumed folder must be this script's, and its `meaning` (the flags that define the run: task, batch,
-    model dims) must equal the checkpoint's: one error naming every mismatch."""
+    A resumed folder must be this script's, and `meaning` (the flags that define the run: task, batch, model
+    dims) must equal the checkpoint's: one error naming every mismatch. With `args` (from run.parse), a flag of
+    `meaning` that was not on the command line takes the checkpoint's value instead (set in args, and printed),
+    so `--resume` alone continues a run as it was started."""
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out_dir {path} exists and is not a folder")
@@ -319,10 +337,18 @@ def open_run(out_dir: str | os.PathLike, env: Env, script: str, resume: str | No
         if saved.get("script") not in (None, script):
             raise UsageError(f"{resume_from} was written by {saved['script']}, not {script}")
         old = saved.get("meaning") or {}
+        given = set(args.flags_given) if args is not None else set(meaning)
         diffs = [f"--{k} {old[k]!r} in the checkpoint, {v!r} now" for k, v in meaning.items()
-                 if k in old and old[k] != v]
+                 if k in old and old[k] != v and k in given]
         if diffs:
             raise UsageError(f"--resume {resume_from}: flags that define the run differ: {'; '.join(diffs)}")
+        taken = {k: old[k] for k, v in meaning.items() if k in old and old[k] != v}
+        if taken:
+            for k, v in taken.items():
+                setattr(args, k, v)
+            meaning = {**meaning, **taken}
+            if env.main:
+                print("resuming with the checkpoint's " + ", ".join(f"--{k} {v!r}" for k, v in taken.items()))
     return RunDir(path, script, meaning, resume_from)
 
 

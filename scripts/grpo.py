@@ -109,7 +109,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
     a = p.add_argument_group("system").add_argument
     a("--compile", action="store_true", help="torch.compile the policy for the update")
-    args = p.parse_args(argv)
+    args = run.parse(p, argv)
     run.check_args(p, args, positive=["prompt_len", "max_new_tokens", "batch_size", "ppo_epochs", "num_minibatches",
                                       "micro_batch_size", "log_interval", "val_windows", "vocab_size", "top_k",
                                       "temperature"],
@@ -155,6 +155,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args) -> int:
     env = run.setup(args.device, args.dtype, args.deterministic)
     device, autocast, rank, world_size = env.device, env.autocast, env.rank, env.world_size
+    meaning = {k: getattr(args, k) for k in ("task", "reward_fn", "prompt_len", "prompt_text", "max_new_tokens",
+                                             "batch_size", "group_size", "model", "preset", "n_layer", "n_head",
+                                             "n_embd", "block_size", "vocab_size")}
+    rd = run.open_run(args.out_dir, env, "grpo", args.resume, meaning, args)
     B, G, M = args.batch_size, args.group_size, args.max_new_tokens
     reward_fn = load_reward_fn(args.reward_fn) if args.task == "reward_fn" else None
 
@@ -167,10 +171,6 @@ def train(args) -> int:
     fixed_prompts = [tokenizer.encode(t, allowed_special={EOT_TEXT}) for t in args.prompt_text or []]
     if any(len(p) == 0 for p in fixed_prompts):
         raise run.UsageError("--prompt_text: an empty prompt; every prompt needs at least one token")
-    meaning = {k: getattr(args, k) for k in ("task", "reward_fn", "prompt_len", "prompt_text", "max_new_tokens",
-                                             "batch_size", "group_size", "model", "preset", "n_layer", "n_head",
-                                             "n_embd", "block_size", "vocab_size")}
-    rd = run.open_run(args.out_dir, env, "grpo", args.resume, meaning)
 
     # --- policy, reference, optimizer ---
     run.seed_everything(args.seed)

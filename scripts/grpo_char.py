@@ -109,7 +109,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="replay the update (forward, loss, backward, clipping, AdamW step) from one CUDA graph after 2 eager "
            "iterations: its many small kernel launches, which a host cannot issue as fast as the GPU runs them, "
            "become one (default: on when training on one CUDA device; needs CUDA and no DDP)")
-    args = p.parse_args(argv)
+    args = run.parse(p, argv)
     run.check_args(p, args, positive=["horizon", "prompt_len", "batch_size", "ppo_epochs", "log_interval",
                                       "val_windows", "bigram_smoothing"],
                    nonnegative=["iters", "eval_interval", "checkpoint_interval", "kl_warmup_tokens", "beta_kl",
@@ -164,15 +164,15 @@ def policy_loss(logits: torch.Tensor, tokens: torch.Tensor, ref_logits: torch.Te
 def train(args) -> int:
     env = run.setup(args.device, args.dtype, args.deterministic)
     device, autocast = env.device, env.autocast
+    meaning = {k: getattr(args, k) for k in ("horizon", "prompt_len", "batch_size", "group_size", "reward_mode",
+                                             "reference", "model", "preset", "n_layer", "n_head", "n_embd",
+                                             "block_size")}
+    rd = run.open_run(args.out_dir, env, "grpo_char", args.resume, meaning, args)
     P, H, G = args.prompt_len, args.horizon, args.group_size
     info = run.prepare_data(env, "char", args.data_dir)
     tokenizer = info["tokenizer"]
     train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
     V = tokenizer.vocab_size
-    meaning = {k: getattr(args, k) for k in ("horizon", "prompt_len", "batch_size", "group_size", "reward_mode",
-                                             "reference", "model", "preset", "n_layer", "n_head", "n_embd",
-                                             "block_size")}
-    rd = run.open_run(args.out_dir, env, "grpo_char", args.resume, meaning)
 
     # --- policy, reference, optimizer ---
     run.seed_everything(args.seed)

@@ -118,7 +118,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
     a = p.add_argument_group("system").add_argument
     a("--compile", action="store_true", help="torch.compile the actor-critic for the update")
-    args = p.parse_args(argv)
+    args = run.parse(p, argv)
     run.check_args(p, args, positive=["horizon", "prompt_len", "batch_size", "ppo_epochs", "num_minibatches",
                                       "log_interval", "val_windows", "bigram_smoothing", "critic_n_layer",
                                       "critic_n_embd", "critic_n_head"],
@@ -212,15 +212,15 @@ def make_value_function(args, policy_cfg, critic_config: dict | None = None) -> 
 def train(args) -> int:
     env = run.setup(args.device, args.dtype, args.deterministic)
     device, autocast = env.device, env.autocast
+    meaning = {k: getattr(args, k) for k in ("horizon", "prompt_len", "batch_size", "reward_mode", "reference",
+                                             "critic", "model", "preset", "n_layer", "n_head", "n_embd",
+                                             "block_size")}
+    rd = run.open_run(args.out_dir, env, "ppo", args.resume, meaning, args)
     P, H, B = args.prompt_len, args.horizon, args.batch_size
     info = run.prepare_data(env, "char", args.data_dir)
     tokenizer = info["tokenizer"]
     train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
     V = tokenizer.vocab_size
-    meaning = {k: getattr(args, k) for k in ("horizon", "prompt_len", "batch_size", "reward_mode", "reference",
-                                             "critic", "model", "preset", "n_layer", "n_head", "n_embd",
-                                             "block_size")}
-    rd = run.open_run(args.out_dir, env, "ppo", args.resume, meaning)
     critic_dir = rd.path / "critic"
 
     # --- policy, critic, reference, optimizer ---

@@ -64,7 +64,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument_group("system").add_argument
     a("--compile", action="store_true", help="torch.compile the model")
     a("--peak_flops", type=float, default=H100_BF16_PEAK_FLOPS, help="per-device peak FLOP/s for MFU")
-    args = p.parse_args(argv)
+    args = run.parse(p, argv)
     run.check_args(p, args, positive=["batch_size", "gradient_accumulation_steps", "log_interval", "eval_iters",
                                       "vocab_size", "peak_flops", "lr_decay_iters"],
                    nonnegative=["max_iters", "eval_interval", "checkpoint_interval", "sample_len"])
@@ -81,13 +81,13 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args) -> int:
     env = run.setup(args.device, args.dtype, args.deterministic)
     device, autocast = env.device, env.autocast
-    info = run.prepare_data(env, args.dataset, args.data_dir)
-    tokenizer = info["tokenizer"]
-    train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
     meaning = {k: getattr(args, k) for k in ("dataset", "batch_size", "gradient_accumulation_steps", "block_size",
                                              "model", "preset", "n_layer", "n_head", "n_embd", "vocab_size", "bias",
                                              "activation")}
-    rd = run.open_run(args.out_dir, env, "train", args.resume, meaning)
+    rd = run.open_run(args.out_dir, env, "train", args.resume, meaning, args)
+    info = run.prepare_data(env, args.dataset, args.data_dir)
+    tokenizer = info["tokenizer"]
+    train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
 
     # --- model + optimizer: identical init on every rank (same seed), then per-rank RNG for dropout ---
     run.seed_everything(args.seed)

@@ -98,9 +98,14 @@ def test_resume_rules(train, data, tmp_path, capsys, one_thread):
     assert train.main([*TINY, "--max_iters", "2", "--out_dir", str(out), "--resume", "auto"]) == 0  # starts
     assert train.main([*TINY, "--max_iters", "3", "--out_dir", str(out), "--resume", "auto"]) == 0  # resumes
     assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3]
+    # --resume alone continues the run as it was started: the flags not given come from the checkpoint
+    capsys.readouterr()
+    assert train.main(["--out_dir", str(out), "--resume", "--max_iters", "4", "--sample_len", "0"]) == 0
+    assert "resuming with the checkpoint's --batch_size 2, --block_size 16, --n_layer 1" in capsys.readouterr().out
+    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4]
     # flags that change the run's meaning: one error naming every mismatch
     bad = [a if a != "2" else "3" for a in TINY]  # --n_head 3 and --batch_size 3
-    assert train.main([*bad, "--max_iters", "4", "--out_dir", str(out), "--resume"]) == 2
+    assert train.main([*bad, "--max_iters", "5", "--out_dir", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "--batch_size 2 in the checkpoint, 3 now" in err and "--n_head 2 in the checkpoint, 3 now" in err
     # a folder of another script
