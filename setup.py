@@ -46,7 +46,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "tiktoken", "h5py", "tqdm", "sympy", "safetensors", "pyyaml"],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "sortedcontainers"],
+        "test": ["pytest", "hypothesis", "transformers", "sortedcontainers", "matplotlib"],
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
     },

@@ -5,13 +5,18 @@ overlapping intervals, error messages, pickling, batch call."""
 import gc
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nanolab
+from nanolab.insertion import interval_set as interval_set_module
 from nanolab.insertion.interval_set import IntervalSet, _PyTreap, cpp_available, resolve_backend
+
+REPO = Path(__file__).resolve().parents[1]
 
 BACKENDS = ["python", pytest.param("cpp", marks=pytest.mark.skipif(not cpp_available(), reason="C++ not built"))]
 needs_cpp = pytest.mark.skipif(not cpp_available(), reason="C++ backend not built")
@@ -321,3 +326,21 @@ def test_cpp_fast_methods_keep_the_tree_alive_and_check_arguments():
         add_if_free(0, 2**63)
     with pytest.raises(TypeError):
         find(0.5, 1)
+
+
+@needs_cpp
+def test_cpp_extension_is_the_one_built_from_this_checkout():
+    """The tests exercise this checkout's C++ code: nanolab and its extension are imported from this repository
+    (an editable install of another checkout, or a copy in site-packages, can shadow them), and the extension
+    was built after the last change to csrc/interval_set.cpp (else: `pip install -e .` or
+    `python setup.py build_ext --inplace` rebuilds it)."""
+    src = REPO / "csrc" / "interval_set.cpp"
+    if not src.is_file():
+        pytest.skip("not a source checkout (no csrc/interval_set.cpp)")
+    package = Path(nanolab.__file__).resolve().parent
+    assert package == REPO / "nanolab", f"nanolab imported from {package}, not from this checkout {REPO}"
+    ext = Path(interval_set_module._cpp.__file__).resolve()
+    assert interval_set_module._cpp.__name__ == "nanolab._interval_set"
+    assert ext.parent == REPO / "nanolab", f"nanolab._interval_set imported from {ext}, not from {REPO / 'nanolab'}"
+    assert ext.stat().st_mtime >= src.stat().st_mtime, \
+        f"{ext.name} is older than {src.name}: a stale build, rebuild it (pip install -e .)"

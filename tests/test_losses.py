@@ -233,12 +233,13 @@ def test_grpo_loss_matches_reference(loss_type, kl_kind):
     beta, el, eh = 0.05, 0.2, 0.28
     if kl_kind == "exact":
         kl = torch.rand(logp.shape, generator=gen(9), dtype=torch.float64)
-        kw = {"kl": kl}
+        kw = {"kl": kl.clone().requires_grad_(True)}
     else:
         kl = L.kl_estimate(logp, logp_ref, kl_kind)
         kw = {"logp_ref": logp_ref, "kl_estimator": kl_kind}
     extra = {"max_len": 10} if loss_type == "dr_grpo" else {"num_active_tokens_global": 40} if loss_type == "dapo" else {}
-    loss, stats = L.grpo_loss(logp, logp_old, adv, m, beta=beta, eps_low=el, eps_high=eh, loss_type=loss_type,
+    x = logp.clone().requires_grad_(True)  # so that a stat left attached to the graph would show
+    loss, stats = L.grpo_loss(x, logp_old, adv, m, beta=beta, eps_low=el, eps_high=eh, loss_type=loss_type,
                               **kw, **extra)
     ref = ref_grpo(logp, logp_old, adv, m, kl, beta, el, eh, loss_type, extra.get("max_len"),
                    extra.get("num_active_tokens_global"))
@@ -249,7 +250,7 @@ def test_grpo_loss_matches_reference(loss_type, kl_kind):
     clipped = ((rho > 1 + eh) & (a > 0)) | ((rho < 1 - el) & (a < 0))
     assert math.isclose(stats["clip_frac"].item(), clipped.double().mean().item(), rel_tol=1e-10)
     assert math.isclose(stats["kl_mean"].item(), kl[m].mean().item(), rel_tol=1e-10)
-    assert not any(v.requires_grad for v in stats.values())
+    assert loss.requires_grad and not any(v.requires_grad for v in stats.values())
     # beta as a 0-d tensor (what a compiled caller passes) gives the same loss
     loss_t, _ = L.grpo_loss(logp, logp_old, adv, m, beta=torch.tensor(beta, dtype=torch.float64), eps_low=el,
                             eps_high=eh, loss_type=loss_type, **kw, **extra)
@@ -513,3 +514,91 @@ def test_log1mexp_accurate_near_zero_and_very_negative(dtype, rtol):
     L.log1mexp(x).sum().backward()
     assert torch.isfinite(x.grad).all()
     assert L.log1mexp(torch.zeros(1, dtype=dtype)).item() == -math.inf
+
+
+# ----------------------------------------------------------------------------- defaults
+
+def test_grpo_loss_default_kl_estimator_is_k3_float64_reference():
+    """The documented defaults (kl_estimator="k3", eps_low=0.2, eps_high=eps_low, loss_type="grpo") against a
+    float64 reference that spells out k3 = exp(log r) - 1 - log r, log r = logp_ref - logp."""
+    logp, logp_old, logp_ref, adv, m = grpo_inputs(21)
+    lr = (logp_ref - logp).numpy()
+    k3 = torch.from_numpy(np.exp(lr) - 1 - lr)
+    loss, stats = L.grpo_loss(logp, logp_old, adv, m, logp_ref=logp_ref, beta=0.1)
+    ref = ref_grpo(logp, logp_old, adv, m, k3, 0.1, 0.2, 0.2, "grpo")
+    assert math.isclose(loss.item(), ref, rel_tol=1e-10)
+    assert math.isclose(stats["kl_mean"].item(), k3[m].mean().item(), rel_tol=1e-10)
+    # beta defaults to 0: no KL term in the loss, but kl_mean is still reported (with the default k3)
+    loss0, stats0 = L.grpo_loss(logp, logp_old, adv, m, logp_ref=logp_ref)
+    assert math.isclose(loss0.item(), ref_grpo(logp, logp_old, adv, m, k3, 0.0, 0.2, 0.2, "grpo"), rel_tol=1e-10)
+    assert math.isclose(stats0["kl_mean"].item(), k3[m].mean().item(), rel_tol=1e-10)
+    # the reference tells the estimators apart on these inputs
+    for other in ("k1", "k2"):
+        kl = L.kl_estimate(logp, logp_ref, other)
+        assert not math.isclose(ref_grpo(logp, logp_old, adv, m, kl, 0.1, 0.2, 0.2, "grpo"), ref, rel_tol=1e-6)
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    """The tensors of a loss function's result (a tensor, a tuple, dicts of stats), in a fixed order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _outputs(out[k])]
+    return [t for o in out for t in _outputs(o)]
+
+
+def _default_cases():
+    """name -> (call, the documented defaults spelled out, other values for those arguments). call(**kw) must give
+    the same result with kw = {} and with the documented defaults, and a different one with each other value
+    (so that the check has teeth: a changed default changes the output on these inputs)."""
+    logp, logp_old, logp_ref, adv, m = grpo_inputs(22)
+    g = gen(23)
+    r, v = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    v_old = v + 0.5 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    logits, tokens = torch.randn(3, 5, 7, generator=g), torch.randint(0, 7, (3, 5), generator=g)
+    pc, pr, rc, rr = pref_inputs(24)
+    pk, rk = pc + 3.0, rc
+    seq_r = torch.randn(12, generator=g, dtype=torch.float64)
+    return {
+        "kl_estimate": (lambda **kw: L.kl_estimate(logp, logp_ref, **kw), {"kind": "k3"},
+                        [{"kind": "k1"}, {"kind": "k2"}]),
+        "grpo_loss": (lambda **kw: L.grpo_loss(logp, logp_old, adv, m, logp_ref=logp_ref, **kw),
+                      {"beta": 0.0, "kl_estimator": "k3", "eps_low": 0.2, "eps_high": 0.2, "loss_type": "grpo"},
+                      [{"beta": 0.1}, {"kl_estimator": "k1"}, {"kl_estimator": "k2"}, {"eps_low": 0.1},
+                       {"eps_high": 0.28}, {"loss_type": "bnpo"}, {"loss_type": "dr_grpo"}]),
+        "grpo_loss beta>0": (lambda **kw: L.grpo_loss(logp, logp_old, adv, m, logp_ref=logp_ref, beta=0.1, **kw),
+                             {"kl_estimator": "k3"}, [{"kl_estimator": "k1"}, {"kl_estimator": "k2"}]),
+        "group_advantages": (lambda **kw: L.group_advantages(seq_r, 4, **kw), {"normalize": "group", "eps": 1e-6},
+                             [{"normalize": None}, {"normalize": "batch"}, {"eps": 1e-2}]),
+        "gae": (lambda **kw: L.gae(r, v, m, **kw), {"gamma": 1.0, "lam": 0.95, "bootstrap_value": None},
+                [{"gamma": 0.9}, {"lam": 1.0}, {"bootstrap_value": torch.ones(4, dtype=torch.float64)}]),
+        "whiten": (lambda **kw: L.whiten(r, m, **kw), {"shift_mean": True, "eps": 1e-8},
+                   [{"shift_mean": False}, {"eps": 1e-2}]),
+        "ppo_policy_loss": (lambda **kw: L.ppo_policy_loss(logp, logp_old, adv, m, **kw),
+                            {"clip_eps": 0.2, "clip_eps_high": 0.2}, [{"clip_eps": 0.1}, {"clip_eps_high": 0.28}]),
+        "ppo_value_loss": (lambda **kw: L.ppo_value_loss(v, v_old, r, m, **kw), {"clip_eps": 0.2},
+                           [{"clip_eps": None}, {"clip_eps": 0.1}]),
+        "kl_penalized_rewards": (lambda **kw: L.kl_penalized_rewards(r, logp, logp_ref, m, 0.1, **kw),
+                                 {"estimator": "k1"}, [{"estimator": "k2"}, {"estimator": "k3"}]),
+        "dpo_loss": (lambda **kw: L.dpo_loss(pc, pr, rc, rr, **kw),
+                     {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0},
+                     [{"beta": 0.2}, {"loss_type": "hinge"}, {"loss_type": "ipo"}, {"label_smoothing": 0.1}]),
+        "kto_loss": (lambda **kw: L.kto_loss(pc, rc, pr, rr, pk, rk, **kw),
+                     {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
+                     [{"beta": 0.2}, {"desirable_weight": 1.3}, {"undesirable_weight": 1.3}]),
+        "orpo_loss": (lambda **kw: L.orpo_loss(pc / 30, pr / 30, **kw), {"lam": 0.1}, [{"lam": 0.2}]),
+        "token_logprobs": (lambda **kw: L.token_logprobs(logits, tokens, **kw), {"ignore_index": None},
+                           [{"ignore_index": int(tokens[0, 0])}]),
+        "masked_var": (lambda **kw: L.masked_var(r, m, **kw), {"unbiased": True}, [{"unbiased": False}]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_default_cases()))
+def test_defaults_are_the_documented_ones(name):
+    call, documented, others = _default_cases()[name]
+    default = _outputs(call())
+    explicit = _outputs(call(**documented))
+    assert len(default) == len(explicit) and all(torch.equal(a, b) for a, b in zip(default, explicit))
+    for other in others:
+        changed = _outputs(call(**other))
+        assert any(not torch.allclose(a, b, rtol=1e-9, atol=0) for a, b in zip(default, changed)), other
