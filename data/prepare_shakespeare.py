@@ -5,17 +5,13 @@
 """
 import argparse
 import sys
-from pathlib import Path
 
-try:
-    from nanolab.data import prepare_shakespeare
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from nanolab.data import prepare_shakespeare
+from nanolab.data import prepare_shakespeare
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--tokenizer", choices=["char", "gpt2"], default="char", help="vocabulary (default: char)")
     p.add_argument("--data-dir", default=None,
                    help="root data folder (default: $NANOLAB_DATA_DIR, else this data/ folder)")

@@ -16,11 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 
 import torch
 
+from .fileio import atomic_path
 from .models import GPT2, CausalLM, GPT2Config, OLMo2, OLMo2Config, build_model
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "Olmo2ForCausalLM": "olmo2"}
@@ -168,26 +167,13 @@ def export_hf(model: CausalLM, out_dir: str) -> None:
             t = torch.zeros(_shape_of_missing_bias(model, our_name), dtype=model.lm_head.weight.dtype)
         tensors[hf_name] = (t.t() if transpose else t).contiguous().clone()  # clone: no shared storage
 
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"export_hf: {out_dir} exists and is not a directory")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
+    with atomic_path(out_dir) as tmp:  # built aside, then swapped in whole
+        os.makedirs(tmp)
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
-        if os.path.isdir(out_dir):  # swap: old folder aside, new one in, old one removed
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.replace(out_dir, os.path.join(old, "x"))
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _shape_of_missing_bias(model: CausalLM, name: str) -> tuple[int, ...]:

@@ -63,7 +63,7 @@ def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike, keys: l
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nanolab.plot", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m nanolab.plot", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (or metrics.jsonl files)")
     p.add_argument("-o", "--out", default="loss.png", help="output PNG (default: loss.png)")

@@ -210,7 +210,7 @@ def test_batch_iterator_windows_and_determinism():
     assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.int64
     assert x.is_contiguous() and y.is_contiguous()
     assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1)
-    assert int(x.min()) >= 0 and int(y.max()) <= 999
+    assert len(set(x[:, 0].tolist())) > 1  # random starts, not one window repeated
     a = _draw(D.BatchIterator(data, 4, 8, seed=7), 5)
     b = _draw(D.BatchIterator(data, 4, 8, seed=7), 5)
     c = _draw(D.BatchIterator(data, 4, 8, seed=8), 5)

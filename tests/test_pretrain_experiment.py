@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -383,10 +384,12 @@ def test_end_to_end_eval_dynamic_control_poisoning(setup, monkeypatch):
     for r in rows:
         assert r["eval/mem/memorization_gap"] == pytest.approx(
             r["eval/mem/control_loss"] - r["eval/mem/inserted_loss"], abs=1e-5)
-    assert yaml.safe_load((run / "eval" / "step000006-mem.yaml").read_text())["inserted_loss"] > 0
+    # a cross-entropy of a 6-step char model: below a uniform guess over the 65 characters, not NaN
+    assert 0 < yaml.safe_load((run / "eval" / "step000006-mem.yaml").read_text())["inserted_loss"] < math.log(65) + 1
     log = [json.loads(line) for line in (run / "trained_insertions.jsonl").read_text().splitlines()]
     dyn = [e for e in log if e["kind"] == "insertion" and "/dynamic/item2/" in (e["item"] or "")]
-    assert sorted(e["step"] for e in dyn)[0] >= 0 and {e["step"] // 4 for e in dyn} <= {0, 1}
+    # the windows of steps [0, 4) and [4, 6) each got their 2 repetitions, inside the window
+    assert sorted(e["step"] // 4 for e in dyn) == [0, 0, 1, 1] and all(e["step"] < 6 for e in dyn)
     assert len(dyn) == 4 and all(e["verified"] for e in log if e["kind"] == "insertion")  # 2 windows x 2
     assert [(e["step"], e["row"]) for e in log if e["kind"] == "gaussian"] == [(1, 0)]
     assert (run / "dynamic" / "item2" / "window_step000004.jsonl").read_text().startswith('{"text": "Dyn window yy.')

@@ -16,18 +16,18 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for nanolab
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # eval_memorization's helpers
 
-import torch  # noqa: E402
-from eval_memorization import read_texts, text_loss  # noqa: E402
+import torch
+from eval_memorization import read_texts, text_loss
 
-from nanolab.checkpoint import load_model_for_inference  # noqa: E402
-from nanolab.fileio import atomic_write  # noqa: E402
+from nanolab.checkpoint import load_model_for_inference
+from nanolab.fileio import atomic_write
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", required=True, help="current checkpoint folder")
     p.add_argument("--output", required=True, help="JSONL to write the texts to insert into")
     p.add_argument("--step", type=int, required=True)

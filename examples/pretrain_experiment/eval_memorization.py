@@ -24,11 +24,9 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without `pip install -e .`
-
-from nanolab.checkpoint import load_model_for_inference  # noqa: E402
-from nanolab.fileio import atomic_write  # noqa: E402
-from nanolab.tokenizers import load_tokenizer  # noqa: E402
+from nanolab.checkpoint import load_model_for_inference
+from nanolab.fileio import atomic_write
+from nanolab.tokenizers import load_tokenizer
 
 
 def read_texts(path: str) -> list[str]:
@@ -65,7 +63,8 @@ def text_loss(model, ids: list[int], device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", required=True, help="nanolab checkpoint folder (or run folder: its latest)")
     p.add_argument("--results-yaml", required=True, help="where to write the results (YAML mapping)")
     p.add_argument("--texts", required=True, help="JSONL of the inserted texts")

@@ -57,7 +57,8 @@ def time_setting(name: str, device: str, warmup: int, iters: int, extra: list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     p.add_argument("--settings", default="4x128,6x384", help=f"comma-separated, of {', '.join(SETTINGS)}")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (default: 2)")

@@ -51,7 +51,8 @@ def batch(s: IntervalSet, los: np.ndarray, his: np.ndarray) -> tuple[np.ndarray,
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--n", type=int, default=1_000_000, help="number of add-if-free operations")
     p.add_argument("--max-len", type=int, default=64, help="interval lengths are uniform in [1, max_len]")
     p.add_argument("--log2-space", type=int, default=40, help="intervals lie in [0, 2^log2_space)")

@@ -1,4 +1,4 @@
-"""Benchmark nanolab.sampler.generate against baselines measured in the same run.
+"""Benchmark nanolab.sampler's Engine against baselines measured in the same run.
 
 CPU (default):
   1. cached decoding vs full recomputation (no cache, the whole sequence every step), greedy, a char model,
@@ -9,7 +9,9 @@ CPU (default):
   4. bytes cached per token for each family.
 GPU (--device cuda): gpt2-124m in bf16, prompt 64, 256 new greedy tokens, batch 1 and 64: ours with and without
   a CUDA graph vs transformers' generate() (dynamic cache, and cache_implementation="static") on the same weights
-  (exported with nanolab.hf.export_hf). Ratios against transformers (dynamic) and against its static cache, and at
+  (exported with nanolab.hf.export_hf).
+Each configuration of ours keeps one Engine across its warm-up and timed calls (as an RL loop does: the cache is
+allocated and the CUDA graph captured once), released before the next configuration. Ratios against transformers (dynamic) and against its static cache, and at
   batch 1 our fraction of the memory-bandwidth bound (weights + KV cache read once per token).
 
     python scripts/bench/bench_sampler.py --device cpu [--quick]
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from nanolab.models import build_model, preset  # noqa: E402
-from nanolab.sampler import generate, release_decoder  # noqa: E402
+from nanolab.sampler import Engine  # noqa: E402
 
 # Reference figures for transformers on an H200 (the lead's measurement), tokens/s, and HBM bandwidths (bytes/s).
 HF_H200 = {("dynamic", 1): 225.0, ("static", 1): 780.0, ("dynamic", 64): 13.8e3, ("static", 64): 37.4e3}
@@ -92,8 +94,10 @@ def bench_cache_vs_recompute(quick: bool) -> None:
     rows = []
     for batch in (1, 8):
         prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
-        generate(model, prompts, n, temperature=0)  # warm-up
-        t_cache, gen = timed(lambda p=prompts: generate(model, p, n, temperature=0), "cpu", 3)
+        engine = Engine(model)
+        engine.generate(prompts, n, temperature=0)  # warm-up
+        t_cache, gen = timed(lambda e=engine, p=prompts: e.generate(p, n, temperature=0), "cpu", 3)
+        engine.release()
         t_full, ref = timed(lambda p=prompts: full_recompute(model, p, n), "cpu", 1)
         same = torch.equal(gen.tokens, ref)
         rows.append((batch, f"{batch * n / t_full:,.0f}", f"{batch * n / t_cache:,.0f}", f"{t_full / t_cache:.1f}x",
@@ -111,14 +115,16 @@ def bench_grpo_shape(quick: bool) -> None:
     for n_layer in (4, 6):
         model = build_model(preset("gpt2-char-tiny", n_layer=n_layer, block_size=128))
         prompts = random_prompts(prompts_n, 12, model.config.vocab_size)
-        call = lambda m=model, p=prompts: generate(m, p, horizon, group_size=group, temperature=1.0, seed=0,
-                                                   return_logprobs=True, stop_tokens=[0])
+        engine = Engine(model)  # one engine for every call, as the RL loop keeps one
+        call = lambda e=engine, p=prompts: e.generate(p, horizon, group_size=group, temperature=1.0, seed=0,
+                                                      return_logprobs=True, stop_tokens=[0])
         call()  # warm-up
         cpu0 = time.process_time()
         t, gen = timed(call, "cpu", 5)
         cpu = (time.process_time() - cpu0) / 5
         R = prompts_n * group
         rows.append((f"{n_layer} x 128", R, horizon, f"{t:.3f}", f"{cpu:.3f}", f"{int(gen.lengths.sum()) / t:,.0f}"))
+        engine.release()
     table(f"CPU: char-GRPO rollout ({prompts_n} prompts x group {group}, horizon {horizon}, temperature 1, "
           f"log-probs; {torch.get_num_threads()} threads; target < 0.5 s at 4 x 128)", rows,
           ("model", "rows", "steps", "best s/call", "process CPU s/call", "tokens/s"))
@@ -189,10 +195,11 @@ def bench_vs_transformers(model, device: str, dtype: torch.dtype, batches: tuple
         if hf_static:
             configs += [("transformers, static cache", "static", None)]
         for label, kind, graph in configs:
+            engine = Engine(model) if kind == "ours" else None
             try:
-                if kind == "ours":
-                    fn = lambda g=graph, p=prompts: generate(model, p, n, temperature=0, cuda_graph=bool(g),
-                                                            compile=g == "compile").tokens
+                if engine is not None:
+                    fn = lambda e=engine, g=graph, p=prompts: e.generate(p, n, temperature=0, cuda_graph=bool(g),
+                                                                        compile=g == "compile").tokens
                 elif hf is None:
                     continue
                 else:
@@ -209,8 +216,8 @@ def bench_vs_transformers(model, device: str, dtype: torch.dtype, batches: tuple
             except Exception as e:  # keep going: one failing baseline must not sink the run
                 print(f"[{label}, batch {batch}] failed: {type(e).__name__}: {str(e)[:300]}")
             finally:
-                if kind == "ours":
-                    release_decoder(model)
+                if engine is not None:
+                    engine.release()  # free its cache and graphs before the next configuration
         base = results.get("transformers, dynamic cache", (None,))[0]
         static = results.get("transformers, static cache", (None,))[0]
         hf_tok = tokens.get("transformers, dynamic cache")

@@ -38,10 +38,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from nanolab.tracking import H100_BF16_PEAK_FLOPS
 
-from nanolab.tracking import H100_BF16_PEAK_FLOPS  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 NANOGPT_CPU = {"wall_s": 90.0, "val_loss": 1.886}  # nanoGPT README, CPU recipe, 2-core machine (given)
 NANOGPT_GPU = {"tokens_per_s": 475.7e3, "mfu": 0.41}  # nanoGPT bench.py, GPT-2 124M, H200 (given)
@@ -242,7 +241,8 @@ def bench_gpu(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cpu", help="cpu (recipe table) or cuda (throughput)")
     p.add_argument("--seeds", default="1337,1,2",
                    help="CPU: one run per seed and recipe; medians of wall time and losses (default: %(default)s)")
