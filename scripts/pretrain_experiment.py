@@ -55,16 +55,13 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without `pip install -e .`
-
-from nanolab import dist, run  # noqa: E402
-from nanolab.checkpoint import latest_checkpoint, read_state, save_checkpoint, step_dir_name, step_dirs  # noqa: E402
-from nanolab.config import dump_config, load_config, to_dict  # noqa: E402
-from nanolab.errors import Diverged, UsageError  # noqa: E402
-from nanolab.fileio import atomic_write  # noqa: E402
-from nanolab.insertion.dataset import PretrainData  # noqa: E402
-from nanolab.insertion.experiment import (  # noqa: E402
+from nanolab import dist, run
+from nanolab.checkpoint import latest_checkpoint, read_state, save_checkpoint, step_dir_name, step_dirs
+from nanolab.config import dump_config, load_config, to_dict
+from nanolab.errors import Diverged, UsageError
+from nanolab.fileio import atomic_write
+from nanolab.insertion.dataset import PretrainData
+from nanolab.insertion.experiment import (
     ExperimentConfig,
     ExperimentError,
     GaussianPoisoning,
@@ -87,10 +84,10 @@ from nanolab.insertion.experiment import (  # noqa: E402
     window_file,
     window_sources,
 )
-from nanolab.insertion.runners import log, run_dynamic, run_evals  # noqa: E402
-from nanolab.models import build_model  # noqa: E402
-from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr  # noqa: E402
-from nanolab.tracking import Tracker  # noqa: E402
+from nanolab.insertion.runners import log, run_dynamic, run_evals
+from nanolab.models import build_model
+from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
+from nanolab.tracking import Tracker
 
 SCRIPT = "pretrain_experiment"  # the run marker's and the checkpoints' script name
 
@@ -404,8 +401,7 @@ def experiment(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags (unknown --a.b value pairs are config overrides) and run; returns the exit code."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = run.parser(__doc__)
     p.add_argument("config", help="experiment YAML")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.add_argument("--add-step-to-run-name", action="store_true",
