@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 
 from .base import CausalLM, ConfigBase
-from .layers import RMSNorm, Rotary, apply_rotary, attention
-from .olmo2 import SwiGLU
+from .layers import RMSNorm, Rotary, SwiGLU, apply_rotary, attention
 
 
 @dataclass

@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .base import CausalLM, ConfigBase
-from .layers import RMSNorm, Rotary, apply_rotary, attention
+from .layers import RMSNorm, Rotary, SwiGLU, apply_rotary, attention
 
 
 @dataclass
@@ -79,19 +78,6 @@ class OLMo2Attention(nn.Module):
             k, v = cache_layer["k"].to(q.dtype), cache_layer["v"].to(q.dtype)
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases."""
-
-    def __init__(self, n_embd: int, hidden: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.up_proj = nn.Linear(n_embd, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, n_embd, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class OLMo2Block(nn.Module):
