@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
 from .fileio import atomic_write
 
 
@@ -144,7 +145,7 @@ def _gpt2_encoding():
     except Exception as e:  # noqa: BLE001 - tiktoken raises requests/OSError/ValueError when offline
         cache = os.environ.get("TIKTOKEN_CACHE_DIR")
         where = f"TIKTOKEN_CACHE_DIR={cache!r} does not hold them" if cache else "TIKTOKEN_CACHE_DIR is not set"
-        raise RuntimeError(
+        raise UsageError(
             f"tiktoken could not load the GPT-2 BPE files ({type(e).__name__}: {str(e)[:200]}); {where}. "
             "Set TIKTOKEN_CACHE_DIR to a folder with tiktoken's cached gpt2 files "
             "(e.g. export TIKTOKEN_CACHE_DIR=../shared/data/tiktoken) or allow network access once."

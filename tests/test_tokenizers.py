@@ -14,6 +14,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_shared_tiktoken if _shared_tikt
                                                 else "/work/shared/data/tiktoken"))
 
 from nanolab import tokenizers as T  # noqa: E402
+from nanolab.errors import UsageError  # noqa: E402
 from nanolab.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_from_dict  # noqa: E402
 
 SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -151,7 +152,7 @@ def test_gpt2_offline_error_names_env_var(monkeypatch):
     T._gpt2_encoding.cache_clear()
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
     try:
-        with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+        with pytest.raises(UsageError, match="TIKTOKEN_CACHE_DIR"):
             GPT2Tokenizer()
     finally:
         T._gpt2_encoding.cache_clear()  # the failure is not cached, but be explicit
