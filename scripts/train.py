@@ -28,7 +28,7 @@ import torch
 
 from nanolab import dist, run
 from nanolab.data import BatchIterator, load_tokens
-from nanolab.models import FAMILIES
+from nanolab.models import FAMILIES, PRESETS
 from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
 from nanolab.sampler import generate
 from nanolab.tracking import H100_BF16_PEAK_FLOPS, mfu
@@ -71,8 +71,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init_from != "scratch":
         run.ignored_with(p, args, ["model", "preset", "n_layer", "n_head", "n_embd", "vocab_size", "bias",
                                    "activation"], "--init_from (the model comes from it)")
-    if args.model != "gpt2":
-        run.ignored_with(p, args, ["bias", "activation"], f"--model {args.model}")
+    family = PRESETS[args.preset][0] if args.preset else args.model
+    if family != "gpt2":
+        run.ignored_with(p, args, ["bias", "activation"], f"an {family} model" if family[0] in "aeiou" else f"a {family} model")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.max_iters
     return args

@@ -130,7 +130,8 @@ def test_strict_flags(train, capsys):
     assert "--n_layer must be > 0" in rejected("--n_layer", "0")
     assert "--beta2 must be in (0, 1)" in rejected("--beta2", "1")
     assert "--dropout must be in [0, 1)" in rejected("--dropout", "1")
-    assert "--bias has no effect with --model olmo2" in rejected("--model", "olmo2", "--bias", "false")
+    assert "--bias has no effect with an olmo2 model" in rejected("--model", "olmo2", "--bias", "false")
+    assert "--activation has no effect with a mla model" in rejected("--preset", "mla-char-tiny", "--activation", "gelu")
     assert train.get_args(["--lr", "3e-3"]).learning_rate == 3e-3  # one name, nanoGPT's, with --lr as alias
 
 

@@ -16,11 +16,17 @@ the same window: --nanogpt DIR (a nanoGPT checkout with data/shakespeare_char pr
 train.py with its README's CPU command once per seed slot, before each of ours, and the time column is then the
 ratio to those runs' median instead of to the published 90 s. (nanoGPT's train.py fixes its seed at 1337.)
 
-GPU: GPT-2 124M, context 1024, batch 12, bf16 autocast, torch.compile, fused AdamW: the train.py step (model,
-optimizer, autocast, clipping as train.py builds them) on synthetic tokens; reports tokens/s, MFU against
---peak_flops and the ratio to nanoGPT's bench.py on an H200 (475.7k tokens/s, 41% MFU).
+GPU: what users run, timed as a whole. scripts/train.py runs as a subprocess on tiny Shakespeare in GPT-2 BPE
+(GPT-2 124M without biases, vocabulary 50304, batch 12 x 1024, bf16 autocast, --compile) for two run lengths;
+the steady-state rate is (long - short iterations) x tokens per step / (long - short wall seconds), so startup and
+compilation cancel. With --nanogpt DIR (a checkout whose data/shakespeare/{train,val}.bin are prepared) nanoGPT's
+own train.py runs the same configuration, alternating with ours, in the same call. The rate train.py logs
+(tokens_per_s, the wall clock since the previous log row) is checked against that wall-clock figure. Then, as
+second rows, the isolated train.py step and the step nanoGPT's bench.py times, on synthetic tokens in-process.
+--big_preset adds a larger model's run (e.g. olmo2-1b) with its MFU from the logged steady-state rate.
 
-    python scripts/bench/bench_train.py --device cuda [--iters 50] [--no_compile]
+    python scripts/bench/bench_train.py --device cuda --nanogpt ~/nanoGPT [--short_iters 50 --long_iters 850]
+    python scripts/bench/bench_train.py --device cuda --big_preset olmo2-1b --big_batch_size 8
 """
 
 from __future__ import annotations
@@ -169,6 +175,89 @@ def run_nanogpt(nanogpt_dir: Path, out: Path, threads: int | None) -> tuple[floa
     return wall, float(evals[-1])
 
 
+GPT2_GPU_FLAGS = ["--dataset", "gpt2", "--preset", "gpt2-124m", "--bias", "false", "--vocab_size", "50304",
+                  "--batch_size", "12", "--block_size", "1024", "--compile", "--dtype", "bfloat16", "--eval_interval", "0",
+                  "--checkpoint_interval", "0", "--sample_len", "0", "--learning_rate", "6e-4", "--min_lr", "6e-5",
+                  "--warmup_iters", "2000", "--beta2", "0.95", "--weight_decay", "0.1", "--grad_clip", "1.0"]
+NANOGPT_GPU_FLAGS = ["--dataset=shakespeare", "--batch_size=12", "--block_size=1024", "--gradient_accumulation_steps=1",
+                     "--bias=False", "--compile=True", "--dtype=bfloat16", "--eval_interval=1000000", "--eval_iters=1",
+                     "--always_save_checkpoint=False", "--learning_rate=6e-4", "--min_lr=6e-5", "--warmup_iters=2000"]
+
+
+def timed(cmd: list[str], cwd: Path) -> float:
+    """Wall seconds of a command run to completion (its failure is fatal, with its stderr)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def ours_gpu(flags: list[str], iters: int, out: Path, device: str, log_interval: int) -> tuple[float, list[dict]]:
+    """train.py as a subprocess: (wall seconds, its logged training rows)."""
+    wall = timed([sys.executable, str(REPO / "scripts" / "train.py"), *flags, "--device", device, "--max_iters",
+                  str(iters), "--log_interval", str(log_interval), "--out_dir", str(out)], REPO)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return wall, [r for r in rows if "tokens_per_s" in r]
+
+
+def bench_gpu_scripts(args) -> None:
+    """Steady-state tokens/s of train.py (and nanoGPT's train.py) by the wall clock of two run lengths."""
+    from nanolab.models import build_model, preset
+    from nanolab.tracking import mfu
+
+    tokens_per_step = 12 * 1024
+    fpt = build_model(preset("gpt2-124m", vocab_size=50304, bias=False)).flops_per_token(1024)
+    short, long = args.short_iters, args.long_iters
+    walls: dict[str, dict[int, float]] = {"ours": {}, "nanoGPT": {}}
+    logged = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_gpu_") as tmp:
+        for n in (short, long):
+            if args.nanogpt:  # nanoGPT first, then ours, at each length (same window)
+                walls["nanoGPT"][n] = timed([sys.executable, "train.py", *NANOGPT_GPU_FLAGS, f"--max_iters={n}",
+                                             f"--lr_decay_iters={max(n, 2)}", f"--log_interval={args.log_interval}",
+                                             f"--device={args.device}", f"--out_dir={tmp}/nanogpt{n}"],
+                                            Path(args.nanogpt))
+            walls["ours"][n], rows = ours_gpu(GPT2_GPU_FLAGS, n, Path(tmp) / f"ours{n}", args.device,
+                                              args.log_interval)
+            if n == long:
+                logged = [r["tokens_per_s"] for r in rows[2:]]  # after compilation and autotuning
+        big = None
+        if args.big_preset:  # its rate and MFU as train.py logs them (checked against the wall clock above)
+            flags = [*[f for f in GPT2_GPU_FLAGS if f not in ("--bias", "false")], "--preset", args.big_preset,
+                     "--batch_size", str(args.big_batch_size), "--block_size", str(args.big_block_size)]
+            wall, rows = ours_gpu(flags, args.big_iters, Path(tmp) / "big", args.device, 10)
+            big = (statistics.median(r["tokens_per_s"] for r in rows[2:]), statistics.median(r.get("mfu", float("nan")) for r in rows[2:]),
+                   wall)
+    print(f"train.py as users run it: GPT-2 124M without biases (vocab 50304), batch 12 x 1024, bf16, --compile, "
+          f"tiny Shakespeare in GPT-2 BPE; steady state from {short} and {long} iterations by the wall clock; MFU "
+          f"at {args.peak_flops / 1e12:.0f} TFLOP/s")
+    print("| run | wall s (short / long) | ms/iter | tokens/s | MFU | x nanoGPT train.py (same call) |")
+    print("|---|---|---|---|---|---|")
+    rates = {}
+    for name, w in walls.items():
+        if not w:
+            continue
+        s_iter = (w[long] - w[short]) / (long - short)
+        rates[name] = tokens_per_step / s_iter
+    for name, w in walls.items():
+        if name not in rates:
+            continue
+        ratio = f"{rates[name] / rates['nanoGPT']:.3f}" if "nanoGPT" in rates else "n/a"
+        label = "nanoGPT train.py" if name == "nanoGPT" else "nanolab scripts/train.py"
+        print(f"| {label} | {w[short]:.2f} / {w[long]:.2f} | {tokens_per_step / rates[name] * 1e3:.2f} | "
+              f"{rates[name] / 1e3:.1f}k | {mfu(fpt, rates[name], args.peak_flops):.1%} | {ratio} |")
+    if logged:
+        med = statistics.median(logged)
+        print(f"train.py's own log (median tokens_per_s of the long run's rows after the first two): {med / 1e3:.1f}k "
+              f"= {med / rates['ours']:.3f} x the wall-clock figure")
+    if big is not None:
+        print(f"{args.big_preset}, batch {args.big_batch_size} x {args.big_block_size}, {args.big_iters} iterations "
+              f"({big[2]:.1f} s in all): logged steady state {big[0] / 1e3:.1f}k tokens/s, MFU {big[1]:.1%}")
+    print()
+
+
 def bench_gpu(args) -> None:
     """The train.py step on synthetic data: autocast bf16, compiled model, fused AdamW, grad clipping."""
     from nanolab.models import build_model, preset
@@ -266,7 +355,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no_bias", action="store_true",
                    help="GPU: GPT-2 without biases, the configuration nanoGPT's bench.py times (bias=False)")
     p.add_argument("--peak_flops", type=float, default=H100_BF16_PEAK_FLOPS, help="GPU: peak FLOP/s for MFU")
+    p.add_argument("--short_iters", type=int, default=50, help="GPU: the short run's iterations (default: 50)")
+    p.add_argument("--long_iters", type=int, default=850, help="GPU: the long run's iterations (default: 850)")
+    p.add_argument("--log_interval", type=int, default=50, help="GPU: train.py's log interval (default: 50)")
+    p.add_argument("--big_preset", default=None, help="GPU: also run train.py with this preset (e.g. olmo2-1b)")
+    p.add_argument("--big_batch_size", type=int, default=8, help="GPU: --big_preset's batch (default: 8)")
+    p.add_argument("--big_block_size", type=int, default=2048, help="GPU: --big_preset's context (default: 2048)")
+    p.add_argument("--big_iters", type=int, default=60, help="GPU: --big_preset's iterations (default: 60)")
+    p.add_argument("--step_only", action="store_true", help="GPU: only the in-process step rows")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not args.step_only:
+        bench_gpu_scripts(args)
     if args.device.startswith("cuda") or args.throughput:
         bench_gpu(args)
     else:
