@@ -1,9 +1,21 @@
 """The KV-cache sampler: one generation engine for RL rollouts, evaluation, scripts/sample.py and the server.
 
-    gen = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=64, temperature=0.8, top_k=50,
-                   stop_tokens=(eot,), seed=0, return_logprobs=True)
+    engine = Engine(model)            # owns the decoding state: KV cache, bf16 weight copies, CUDA graphs
+    gen = engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=64, temperature=0.8, top_k=50,
+                          stop_tokens=(eot,), seed=0, return_logprobs=True)
     gen.tokens (R, N) int64, gen.mask (R, N) bool, gen.lengths (R,), gen.logprobs (R, N) float32, gen.tokens_list()
-    gen = generate_groups(model, prompts, group_size=4, max_new_tokens=64)    # RL: rows b*n .. b*n+n-1 share prompt b
+    gen = engine.generate(prompts, 64, group_size=4)    # RL: rows b*n .. b*n+n-1 share prompt b
+    engine.release()                  # frees the cache and graphs (so does dropping the engine)
+
+    gen = generate(model, prompts, 64, ...)             # one-off: a temporary Engine, freed on return
+
+An Engine keeps its decoder (cache + captured graphs) between calls of the same shape, so a loop of
+same-shape calls (an RL rollout per iteration) allocates and captures once; keep one Engine per repeated shape
+and release it (or let it go) before memory-hungry phases such as training. There is no hidden per-model state:
+what is allocated belongs to an Engine object the caller holds.
+
+Stops given as command-line text (token ids, '<|endoftext|>', strings with backslash escapes) are split by
+`parse_stops`; `completion_texts` decodes finished rows without their stop.
 
 How a batch is run (R rows, N = max_new_tokens, P = longest prompt):
   - ragged prompts are left-padded to P; cache.valid masks the padding slots and each row gets its own positions
@@ -29,6 +41,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import operator
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -233,7 +247,7 @@ class _Decoder:
 
     def __init__(self, model: CausalLM, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
                  cuda_graph: bool, compile: bool = False):
-        self._model = weakref.ref(model)  # not a strong ref: the registry below is keyed weakly by the model
+        self._model = weakref.ref(model)  # the Engine holds the model; nothing here keeps it alive
         self.cache = model.make_cache(rows, max_len, device=device, dtype=dtype)
         self.idx = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
@@ -251,7 +265,7 @@ class _Decoder:
         # refreshed once per generate() call (`refresh_shadow`): the same values autocast would cast to, so the
         # same results, without the per-step casts. Weights shared with an embedding stay (the lookup is not
         # autocast). Plain models (float32 without autocast, or already bf16) have no shadow.
-        self.amp = amp = _autocast_dtype(device)  # part of the registry key below, so fixed per decoder
+        self.amp = amp = _autocast_dtype(device)  # part of the Engine's decoder key, so fixed per decoder
         self.shadow: dict[str, torch.Tensor] = {}
         self._masters: list[torch.Tensor] = []
         if cuda_graph and amp is not None:
@@ -349,54 +363,58 @@ class _Decoder:
         return graph
 
 
-# One reusable decoder per model (the latest shape), so repeated calls of one shape (RL iterations, benchmarks)
-# capture their CUDA graph once. Keyed by the model's parameter and buffer addresses (a graph reads them by address:
-# in-place updates such as optimizer steps are seen, new tensors or modules need a new decoder) and MLA's absorb flag.
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def release_decoder(model: CausalLM) -> None:
-    """Free the cache (and CUDA graph) `generate` keeps for `model` between calls, e.g. before training."""
-    _DECODERS.pop(model, None)
-
-
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast computes in on this device type, or None when autocast is off."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
-def _decoder_for(model: CausalLM, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 cuda_graph: bool, compile: bool = False) -> _Decoder:
-    key = (rows, max_len, str(device), dtype, cuda_graph, compile, _autocast_dtype(device),
-           tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())),
-           tuple(getattr(getattr(b, "attn", None), "absorb", None) for b in model.blocks))
-    entry = _DECODERS.get(model)
-    if entry is not None and entry[0] == key and not entry[1].in_use:
-        return entry[1]
-    if entry is not None and not entry[1].in_use:
-        del _DECODERS[model]  # drop the old cache before allocating the new one
-    dec = _Decoder(model, rows, max_len, device, dtype, cuda_graph, compile)
-    if entry is None or not entry[1].in_use:
-        _DECODERS[model] = (key, dec)
-    return dec
+# --- input checks --------------------------------------------------------------------------------------------------
+def _is_integer_dtype(x) -> bool:
+    """Whether a tensor's / array's dtype holds integers (bool, float and complex do not)."""
+    dt = x.dtype
+    if isinstance(dt, torch.dtype):
+        return not (dt.is_floating_point or dt.is_complex or dt == torch.bool)
+    return getattr(dt, "kind", "i") in "iu"  # numpy: signed / unsigned integers
 
 
-# --- generate ------------------------------------------------------------------------------------------------------
+def _token_ids(seq, what: str) -> list[int]:
+    """seq as a list of Python ints. Floats (1.0 included), bools, strings and other non-integers are a
+    ValueError naming `what`: a float token id is a bug upstream, not something to truncate silently."""
+    if hasattr(seq, "dtype") and not _is_integer_dtype(seq):
+        raise ValueError(f"{what} must hold integer token ids, got a {seq.dtype} {type(seq).__name__}")
+    if hasattr(seq, "tolist"):
+        seq = seq.tolist()
+    out = []
+    for t in seq:
+        try:
+            i = None if isinstance(t, bool) else operator.index(t)  # int, numpy integers, integer 0-d tensors
+        except TypeError:
+            i = None
+        if i is None:
+            raise ValueError(f"{what} must hold integer token ids, got {t!r} ({type(t).__name__})")
+        out.append(i)
+    return out
+
+
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
     if hasattr(prompts, "tolist"):  # a (B, T) tensor or array of equal-length prompts
         if prompts.ndim != 2:
             raise ValueError(f"a prompts tensor/array must be 2-D (B, T), got shape {tuple(prompts.shape)}")
+        if not _is_integer_dtype(prompts):
+            raise ValueError(f"prompts must hold integer token ids, got a {prompts.dtype} {type(prompts).__name__}")
         prompts = prompts.tolist()
     if not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of token-id lists")
     out = []
     for i, p in enumerate(prompts):
-        if hasattr(p, "tolist"):
+        if hasattr(p, "tolist"):  # a 1-D tensor or array
+            if hasattr(p, "dtype") and not _is_integer_dtype(p):
+                raise ValueError(f"prompts[{i}] must hold integer token ids, got a {p.dtype} {type(p).__name__}")
             p = p.tolist()
-        if isinstance(p, (int, str)) or not isinstance(p, Sequence):
+        if isinstance(p, (int, float, str)) or not isinstance(p, Sequence):
             raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(p).__name__}; "
                              "pass a list of prompts, e.g. [[1, 2, 3]]")
-        p = list(map(int, p))
+        p = _token_ids(p, f"prompts[{i}]")
         if len(p) == 0:
             raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. a BOS/EOT token)")
         if min(p) < 0 or max(p) >= vocab_size:
@@ -407,22 +425,220 @@ def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
 
 
 def _check_args(max_new_tokens, temperature, top_k, top_p, group_size, stop_strings, decode) -> None:
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    # bool is an int subclass: True/False are refused explicitly (temperature=True would sample at 1.0)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if isinstance(temperature, bool):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), not a bool: got {temperature!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if not isinstance(group_size, int) or group_size < 1:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if isinstance(stop_strings, str):
+        raise ValueError(f"stop_strings must be a list of strings, e.g. [{stop_strings!r}], not a bare string")
     if stop_strings and decode is None:
         raise ValueError("stop_strings need a `decode` callable (token ids -> text), e.g. decode=tokenizer.decode")
     if any(not isinstance(s, str) or not s for s in stop_strings):
         raise ValueError(f"stop_strings must be non-empty strings, got {list(stop_strings)!r}")
 
 
+# --- the engine ----------------------------------------------------------------------------------------------------
+class Engine:
+    """A model's generation engine: owns the decoding state between calls (the KV cache, the static step
+    inputs, the bf16 weight copies read under autocast and the captured CUDA graphs), so calls of one shape
+    (RL rollouts every iteration, benchmarks) allocate the cache and capture their graphs once.
+
+        engine = Engine(model)                  # allocates nothing until the first call
+        gen = engine.generate(prompts, 64, temperature=1.0, group_size=4, seed=step, return_logprobs=True)
+        engine.release()                         # free the cache and graphs now (e.g. before a training phase)
+
+    The engine keeps one decoder, for the latest call's shape. A call reuses it when the rows (prompts x
+    group_size), the cache length (longest prompt + max_new_tokens - 1; rounded up to a multiple of 64 with a
+    CUDA graph), device, dtype, autocast dtype, cuda_graph / compile flags, the model's parameter and buffer
+    addresses and MLA's absorb flag all match; any other call frees it and allocates a new one. A captured graph
+    reads the weights by address: in-place updates (optimizer steps, load_state_dict into the same tensors) are
+    seen by the next call; new parameter tensors (model.to(...) that moves or casts) give a new decoder. A
+    re-entrant call (from an `on_token` callback, or another thread while a call is running) uses a temporary
+    decoder of its own. `release()` (or garbage collection of the engine, or leaving a `with Engine(model) as e:`
+    block) frees it; the engine can be used again afterwards. Keep one engine per call shape you repeat, e.g. one
+    for rollouts and one for occasional evaluation samples, so they do not evict each other.
+    """
+
+    def __init__(self, model: CausalLM):
+        if not isinstance(model, CausalLM):
+            inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+            hint = (" (a DDP / torch.compile wrapper? pass the raw model, e.g. model.module or model._orig_mod)"
+                    if isinstance(inner, CausalLM) else "")
+            raise TypeError(f"Engine needs a nanolab CausalLM, got {type(model).__name__}{hint}")
+        self.model = model
+        self._decoder: _Decoder | None = None
+        self._key: tuple | None = None
+
+    def __repr__(self) -> str:
+        dec = getattr(self, "_decoder", None)
+        state = "empty" if dec is None else (f"{dec.idx.shape[0]} rows x {dec.cache.valid.shape[1]} slots, "
+                                             f"{len(dec.graphs)} graph(s)")
+        return f"Engine({type(self.model).__name__}, {state})"
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Free the KV cache, weight copies and CUDA graphs now (a call in progress keeps its own until it ends)."""
+        self._decoder = self._key = None
+
+    def generate(self, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 stop_tokens: Sequence[int] = (), seed: int | None = None, return_logprobs: bool = False, *,
+                 group_size: int = 1, stop_strings: Sequence[str] = (),
+                 decode: Callable[[list[int]], str] | None = None, pad_id: int = 0,
+                 generator: torch.Generator | None = None, cuda_graph: bool | None = None, compile: bool = False,
+                 on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 check_every: int | None = None) -> Generation:
+        """Sample up to `max_new_tokens` tokens after each prompt with the model's KV cache.
+
+        prompts:        list of B token-id lists of any lengths >= 1 (or a (B, T) integer tensor)
+        temperature:    0 = greedy; top_k / top_p filter the tempered distribution (ignored when greedy)
+        stop_tokens:    a row is finished after emitting one of these (included in its completion, mask 1)
+        stop_strings:   a row is finished once decode(its completion) contains one of these (needs `decode`);
+                        only active rows are decoded, and only their last few tokens
+        seed:           seeds a torch.Generator on the model's device (deterministic output); or pass `generator`
+                        to continue one stream across calls; neither: torch's global RNG
+        group_size:     n samples per prompt sharing one prefill; rows b*n .. b*n+n-1 belong to prompt b
+        cuda_graph:     capture the decode step in a CUDA graph (default: True on CUDA, unavailable on CPU)
+        compile:        torch.compile the decode step first (with cuda_graph only: static shapes); compiles once
+                        per shape, tens of seconds, then the fastest path at small batch
+        on_token:       called after every step as on_token(step, tokens (R,), mask (R,)) (streaming; syncs)
+        check_every:    steps between host checks that all rows are done (default 1 on CPU, 8 on CUDA)
+        pad_id:         token written after a row finishes and used for left padding (masked either way)
+
+        Raises ValueError for an empty prompt, a token id that is not an integer (floats included) or lies
+        outside the vocabulary, a bool temperature, or longest prompt + max_new_tokens exceeding the model's
+        block_size. The model runs in eval mode (its training flag is restored afterwards). The returned tensors
+        are the caller's own (copies, not the engine's buffers, and not inference tensors).
+        """
+        model = self.model
+        cfg = model.config
+        prompts = _check_prompts(prompts, cfg.vocab_size)
+        _check_args(max_new_tokens, temperature, top_k, top_p, group_size, stop_strings, decode)
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > cfg.block_size:
+            raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                             f"{longest + max_new_tokens} exceeds the model's context (block_size {cfg.block_size})")
+        (pad_id,) = _token_ids([pad_id], "pad_id")
+        if not 0 <= pad_id < cfg.vocab_size:
+            raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {cfg.vocab_size})")
+        if isinstance(stop_tokens, (int, str)):
+            raise ValueError(f"stop_tokens must be a list of token ids, e.g. [{stop_tokens!r}], got {stop_tokens!r}")
+        stop_tokens = _token_ids(stop_tokens, "stop_tokens")
+        if any(not 0 <= t < cfg.vocab_size for t in stop_tokens):
+            raise ValueError(f"stop_tokens {stop_tokens} must lie in the vocabulary [0, {cfg.vocab_size})")
+        device = model.lm_head.weight.device
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda"
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        if compile and not cuda_graph:
+            raise ValueError("compile=True needs cuda_graph=True (a CUDA model): eager CPU decoding changes shape "
+                             "per step")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                out = self._generate(prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator,
+                                     return_logprobs, group_size, list(stop_strings), decode, pad_id,
+                                     (cuda_graph, compile), on_token,
+                                     check_every or (8 if device.type == "cuda" else 1), device)
+        finally:
+            model.train(was_training)
+        # Inference tensors cannot be saved for backward (e.g. as embedding indices in an RL update), and a
+        # captured graph's buffers are overwritten by the next call: clone out.
+        tokens, mask, stopped, lp, slp = (None if t is None else t.clone() for t in out)
+        rows = [p for p in prompts for _ in range(group_size)]
+        return Generation(tokens=tokens, mask=mask, lengths=mask.sum(1), stopped=stopped, prompts=rows,
+                          logprobs=lp, sampling_logprobs=slp, group_size=group_size)
+
+    def _decoder_for(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype, cuda_graph: bool,
+                     compile: bool) -> _Decoder:
+        """The engine's decoder if this call's key matches it, else a new one (kept; the old one is freed first);
+        a temporary one when the engine's decoder is busy (a re-entrant call)."""
+        model = self.model
+        key = (rows, max_len, str(device), dtype, cuda_graph, compile, _autocast_dtype(device),
+               tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())),
+               tuple(getattr(getattr(b, "attn", None), "absorb", None) for b in model.blocks))
+        dec = self._decoder
+        if dec is not None and dec.in_use:
+            return _Decoder(model, rows, max_len, device, dtype, cuda_graph, compile)
+        if dec is not None and self._key == key:
+            return dec
+        dec = self._decoder = self._key = None  # drop the old cache (and graphs) before allocating the new one
+        dec = _Decoder(model, rows, max_len, device, dtype, cuda_graph, compile)
+        self._decoder, self._key = dec, key
+        return dec
+
+    def _generate(self, prompts, max_new, temperature, top_k, top_p, stop_tokens, generator, want_lp, n,
+                  stop_strings, decode, pad_id, graph_opts, on_token, check_every, device):
+        """generate() after validation, under inference mode: (tokens, mask, stopped, logprobs, sampling
+        logprobs), the decoder's own buffers."""
+        model = self.model
+        cuda_graph, compile = graph_opts
+        B, P = len(prompts), max(len(p) for p in prompts)
+        R = B * n
+        lens = torch.tensor([len(p) for p in prompts])
+        idx = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])  # left-padded (B, P)
+        n_pad = (P - lens)[:, None]
+        slot = torch.arange(P)[None, :]
+        # every host-to-device copy before the first launch: a copy from pageable memory waits for the stream
+        valid = (slot >= n_pad).to(device)
+        positions = (slot - n_pad).clamp_min(0).to(device)
+        idx = idx.to(device)
+        next_pos = lens.repeat_interleave(n)[:, None].to(device)  # each row's position after its prompt
+
+        # The decode steps write slots P .. P + max_new - 2. With a CUDA graph, round the cache up to a multiple
+        # of 64 (within block_size) so calls with nearby prompt lengths reuse one captured graph.
+        max_len = P + max_new - 1
+        if cuda_graph:
+            max_len = min(-(-max_len // 64) * 64, model.config.block_size)
+        # the cache holds keys/values in the dtype they are computed in (autocast's, if it is on)
+        dtype = _autocast_dtype(device) or model.lm_head.weight.dtype
+        dec = self._decoder_for(R, max_len, device, dtype, cuda_graph, compile)
+        dec.in_use = True
+        dec.refresh_shadow()  # the weights may have changed since the last call (optimizer steps)
+        try:
+            # prefill: the B unique prompts into the first row of each group (a strided view), then copy that
+            # row's slots into the group's other rows (KVCache.repeat_interleave, in place)
+            dec.cache.valid[:, P:].fill_(True)  # decode slots (a reused cache may hold an older call's padding)
+            pre = _group_leaders(dec.prefix(P), n)
+            pre.pos.zero_()
+            pre.valid.copy_(valid)
+            logits, _ = model(idx, cache=pre, positions=positions, last_only=True)
+            if n > 1:
+                _fill_groups(dec.prefix(P), n)
+                logits = logits.repeat_interleave(n, dim=0)
+            dec.pos.copy_(next_pos)
+            rule = _Rule(float(temperature), top_k if temperature else None, top_p if temperature else None,
+                         bool(want_lp), tuple(stop_tokens), pad_id)
+            return _decode_loop(dec, logits[:, -1], max_new, rule, generator, stop_strings, decode, on_token,
+                                check_every)
+        finally:
+            dec.in_use = False
+
+
+# --- one-off generation ---------------------------------------------------------------------------------------------
 def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | torch.Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: Sequence[int] = (), seed: int | None = None, return_logprobs: bool = False, *,
@@ -431,65 +647,14 @@ def generate(model: CausalLM, prompts: Sequence[Sequence[int]] | torch.Tensor, m
              compile: bool = False,
              on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
              check_every: int | None = None) -> Generation:
-    """Sample up to `max_new_tokens` tokens after each prompt with the model's KV cache.
-
-    prompts:        list of B token-id lists of any lengths >= 1 (or a (B, T) tensor)
-    temperature:    0 = greedy; top_k / top_p filter the tempered distribution (ignored when greedy)
-    stop_tokens:    a row is finished after emitting one of these (included in its completion, mask 1)
-    stop_strings:   a row is finished once decode(its completion) contains one of these (needs `decode`);
-                    only active rows are decoded, and only their last few tokens
-    seed:           seeds a torch.Generator on the model's device (deterministic output); or pass `generator`
-                    to continue one stream across calls; neither: torch's global RNG
-    group_size:     n samples per prompt sharing one prefill; rows b*n .. b*n+n-1 belong to prompt b
-    cuda_graph:     capture the decode step in a CUDA graph (default: True on CUDA, unavailable on CPU)
-    compile:        torch.compile the decode step first (with cuda_graph only: static shapes); compiles once per
-                    shape, tens of seconds, then the fastest path at small batch
-    on_token:       called after every step as on_token(step, tokens (R,), mask (R,)) (streaming; syncs)
-    check_every:    steps between host checks that all rows are done (default 1 on CPU, 8 on CUDA)
-    pad_id:         token written after a row finishes and used for left padding (masked either way)
-
-    Raises ValueError for an empty prompt, a token outside the vocabulary, or longest prompt + max_new_tokens
-    exceeding the model's block_size. The model runs in eval mode (its training flag is restored afterwards).
-    """
-    cfg = model.config
-    prompts = _check_prompts(prompts, cfg.vocab_size)
-    _check_args(max_new_tokens, temperature, top_k, top_p, group_size, stop_strings, decode)
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.block_size:
-        raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
-                         f"{longest + max_new_tokens} exceeds the model's context (block_size {cfg.block_size})")
-    if not 0 <= pad_id < cfg.vocab_size:
-        raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {cfg.vocab_size})")
-    stop_tokens = [int(t) for t in stop_tokens]
-    if any(not 0 <= t < cfg.vocab_size for t in stop_tokens):
-        raise ValueError(f"stop_tokens {stop_tokens} must lie in the vocabulary [0, {cfg.vocab_size})")
-    device = model.lm_head.weight.device
-    if cuda_graph is None:
-        cuda_graph = device.type == "cuda"
-    if cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
-    if compile and not cuda_graph:
-        raise ValueError("compile=True needs cuda_graph=True (a CUDA model): eager CPU decoding changes shape per step")
-    if seed is not None and generator is not None:
-        raise ValueError("pass either seed or generator, not both")
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = _generate(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator,
-                            return_logprobs, group_size, list(stop_strings), decode, pad_id, (cuda_graph, compile), on_token,
-                            check_every or (8 if device.type == "cuda" else 1), device)
-    finally:
-        model.train(was_training)
-    # Inference tensors cannot be saved for backward (e.g. as embedding indices in an RL update): clone out.
-    tokens, mask, stopped, lp, slp = (None if t is None else t.clone() for t in out)
-    rows = [p for p in prompts for _ in range(group_size)]
-    return Generation(tokens=tokens, mask=mask, lengths=mask.sum(1), stopped=stopped, prompts=rows, logprobs=lp,
-                      sampling_logprobs=slp, group_size=group_size)
+    """One call of `Engine(model).generate(...)` (arguments and result as documented there): the cache and any
+    CUDA graph live for this call only. Fine for one-off sampling; a loop of calls of one shape (RL rollouts,
+    benchmarks) should keep an `Engine`, or every call allocates its cache and, on CUDA, captures (and with
+    compile=True compiles) its decode step again."""
+    return Engine(model).generate(
+        prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed, return_logprobs,
+        group_size=group_size, stop_strings=stop_strings, decode=decode, pad_id=pad_id, generator=generator,
+        cuda_graph=cuda_graph, compile=compile, on_token=on_token, check_every=check_every)
 
 
 def generate_groups(model: CausalLM, prompts: Sequence[Sequence[int]], group_size: int, max_new_tokens: int,
@@ -497,51 +662,6 @@ def generate_groups(model: CausalLM, prompts: Sequence[Sequence[int]], group_siz
     """`group_size` samples per prompt from one shared prefill (GRPO-style groups); rows are prompt-major
     (row b * group_size + j is sample j of prompt b). Other arguments as in `generate`."""
     return generate(model, prompts, max_new_tokens, group_size=group_size, **kwargs)
-
-
-def _generate(model, prompts, max_new, temperature, top_k, top_p, stop_tokens, generator, want_lp, n,
-              stop_strings, decode, pad_id, graph_opts, on_token, check_every, device):
-    cuda_graph, compile = graph_opts
-    B, P = len(prompts), max(len(p) for p in prompts)
-    R = B * n
-    lens = torch.tensor([len(p) for p in prompts])
-    idx = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])  # left-padded (B, P)
-    n_pad = (P - lens)[:, None]
-    slot = torch.arange(P)[None, :]
-    # every host-to-device copy before the first launch: a copy from pageable memory waits for the stream
-    valid = (slot >= n_pad).to(device)
-    positions = (slot - n_pad).clamp_min(0).to(device)
-    idx = idx.to(device)
-    next_pos = lens.repeat_interleave(n)[:, None].to(device)  # each row's position after its prompt
-
-    # The decode steps write slots P .. P + max_new - 2. With a CUDA graph, round the cache up to a multiple of 64
-    # (within block_size) so calls with nearby prompt lengths reuse one captured graph.
-    max_len = P + max_new - 1
-    if cuda_graph:
-        max_len = min(-(-max_len // 64) * 64, model.config.block_size)
-    # the cache holds keys/values in the dtype they are computed in (autocast's, if it is on)
-    dtype = _autocast_dtype(device) or model.lm_head.weight.dtype
-    dec = _decoder_for(model, R, max_len, device, dtype, cuda_graph, compile)
-    dec.in_use = True
-    dec.refresh_shadow()  # the weights may have changed since the last call (optimizer steps)
-    try:
-        # prefill: the B unique prompts into the first row of each group (a strided view), then copy that row's
-        # slots into the group's other rows (KVCache.repeat_interleave, in place)
-        dec.cache.valid[:, P:].fill_(True)  # decode slots (a reused cache may hold an older call's padding there)
-        pre = _group_leaders(dec.prefix(P), n)
-        pre.pos.zero_()
-        pre.valid.copy_(valid)
-        logits, _ = model(idx, cache=pre, positions=positions, last_only=True)
-        if n > 1:
-            _fill_groups(dec.prefix(P), n)
-            logits = logits.repeat_interleave(n, dim=0)
-        dec.pos.copy_(next_pos)
-        rule = _Rule(float(temperature), top_k if temperature else None, top_p if temperature else None,
-                     bool(want_lp), tuple(stop_tokens), pad_id)
-        return _decode_loop(dec, logits[:, -1], max_new, rule, generator, stop_strings, decode, on_token,
-                            check_every)
-    finally:
-        dec.in_use = False
 
 
 def _group_leaders(cache: KVCache, n: int) -> KVCache:
@@ -597,3 +717,61 @@ def _decode_loop(dec, logits, max_new, rule: _Rule, generator, stop_strings, dec
             break
     stopped = ~rec.active  # finished on a stop token / string (rows still active ran out of max_new_tokens)
     return rec.tokens, rec.mask, stopped, rec.lp, rec.slp
+
+
+# --- stops and completion texts -------------------------------------------------------------------------------------
+EOT_TEXT = "<|endoftext|>"
+
+
+def parse_stops(stops: Sequence[str], tokenizer, vocab_size: int) -> tuple[list[int], list[str]]:
+    """Stop specifications as typed on a command line -> (stop_tokens, stop_strings) for `generate`.
+
+    Each entry is one of:
+      - digits ("13"): that token id;
+      - "<|endoftext|>": the tokenizer's end-of-text token (`tokenizer.eot_token`);
+      - anything else: a stop string, matched on the decoded text (so "\\n" also stops at a "\\n\\n" token).
+        A backslash escape typed on a shell ("\\n", "\\t") becomes its character; text without a
+        backslash is kept as is (non-ASCII included).
+    Order is kept within each list. Raises ValueError for a token id outside [0, vocab_size) or for
+    "<|endoftext|>" with a tokenizer that has no end-of-text token (character tokenizers).
+    """
+    tokens: list[int] = []
+    strings: list[str] = []
+    for s in stops:
+        if re.fullmatch(r"\d+", s):
+            t = int(s)
+        elif s == EOT_TEXT:
+            t = getattr(tokenizer, "eot_token", None)
+            if t is None:
+                raise ValueError(f"stop {s!r}: the tokenizer {getattr(tokenizer, 'name', '')!r} has no end-of-text "
+                                 "token; give a token id or a stop string instead")
+        else:
+            # a backslash escape typed on a shell ('\n') becomes the character; other text is kept as is
+            strings.append(s.encode("latin-1", "backslashreplace").decode("unicode_escape") if "\\" in s else s)
+            continue
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"stop {s!r}: token id {t} is outside the model's vocabulary [0, {vocab_size})")
+        tokens.append(t)
+    return tokens, strings
+
+
+def completion_texts(tokenizer, tokens: Sequence[Sequence[int]], stopped: Sequence[bool],
+                     stop_tokens: Sequence[int], stop_strings: Sequence[str]) -> list[str]:
+    """Each completion's text without its stop, e.g. for a reward function.
+
+    tokens:   each row's generated tokens (Generation.tokens_list()); stopped: Generation.stopped.tolist()
+    A row that stopped on a stop token has that final token dropped before decoding; the decoded text is then
+    cut at the first occurrence of each stop string in turn (so at the earliest of them). The Generation's
+    tokens and mask are not changed: they still include the stop (the policy is trained to emit it).
+    """
+    out = []
+    for toks, done in zip(tokens, stopped):
+        if done and toks and toks[-1] in stop_tokens:
+            toks = toks[:-1]
+        text = tokenizer.decode(toks)
+        for s in stop_strings:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        out.append(text)
+    return out

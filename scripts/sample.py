@@ -14,22 +14,20 @@ an empty prompt starts from <|endoftext|> (GPT-2) or a newline (char models).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from nanolab.sampler import generate  # noqa: E402
-from nanolab.tokenizers import load_tokenizer  # noqa: E402
+from nanolab.sampler import generate
+from nanolab.tokenizers import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", "--init_from", dest="ckpt", metavar="PATH",
                      help="nanolab run folder (uses its latest checkpoint) or checkpoint folder step<N>/")

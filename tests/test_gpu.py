@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from nanolab.graphs import GraphedStep
 from nanolab.models import build_model, preset
 from nanolab.optim import build_adamw, set_lr
-from nanolab.sampler import generate
+from nanolab.sampler import Engine, generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,9 +43,12 @@ def test_cuda_graph_greedy_equals_eager_and_full_recompute(name):
     prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
     graph = generate(model, prompts, 40, temperature=0.0, cuda_graph=True)
     eager = generate(model, prompts, 40, temperature=0.0, cuda_graph=False)
-    compiled = generate(model, prompts, 40, temperature=0.0, cuda_graph=True, compile=True)
+    engine = Engine(model)
+    compiled = [engine.generate(prompts, 40, temperature=0.0, cuda_graph=True, compile=True) for _ in range(2)]
+    assert len(engine._decoder.graphs) == 1  # the second call replayed the first call's compiled graph
+    engine.release()
     assert torch.equal(graph.tokens, eager.tokens)
-    assert torch.equal(compiled.tokens, eager.tokens)
+    assert all(torch.equal(c.tokens, eager.tokens) for c in compiled)
     with torch.no_grad():
         for r, p in enumerate(prompts):
             assert graph.tokens[r].tolist() == _greedy_full_recompute(model, p, 40)
@@ -56,9 +59,13 @@ def test_cuda_graph_sampling_is_seeded_and_logprobs_match(name):
     torch.manual_seed(0)
     model = build_model(preset(name, block_size=96)).cuda().eval()
     prompts = [[1, 2, 3], [4, 5]]
-    a = generate(model, prompts, 30, temperature=1.0, seed=3, return_logprobs=True, group_size=4)
-    b = generate(model, prompts, 30, temperature=1.0, seed=3, return_logprobs=True, group_size=4)
-    assert torch.equal(a.tokens, b.tokens)
+    a = generate(model, prompts, 30, temperature=1.0, seed=3, return_logprobs=True, group_size=4)  # fresh graph
+    engine = Engine(model)
+    b, c = (engine.generate(prompts, 30, temperature=1.0, seed=3, return_logprobs=True, group_size=4)
+            for _ in range(2))
+    assert len(engine._decoder.graphs) == 1  # c replayed b's graph
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.tokens, c.tokens)
+    assert torch.equal(a.logprobs, c.logprobs) and c.tokens.data_ptr() != b.tokens.data_ptr()
     # log-probs against one full forward over prompt + completion
     with torch.no_grad():
         for r in range(a.num_rows):
@@ -90,13 +97,17 @@ def test_autocast_graph_reads_bf16_weight_copies_refreshed_per_call():
     torch.manual_seed(0)
     model = build_model(preset("olmo2-char-tiny", block_size=96)).cuda().eval()
     prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6]]
+    engine = Engine(model)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = generate(model, prompts, 30, temperature=0.0, cuda_graph=False)
-        graph = generate(model, prompts, 30, temperature=0.0, cuda_graph=True)
+        graph = engine.generate(prompts, 30, temperature=0.0, cuda_graph=True)
         assert torch.equal(graph.tokens, eager.tokens)
+        dec = engine._decoder
+        assert dec.shadow and all(t.dtype == torch.bfloat16 for t in dec.shadow.values())
         with torch.no_grad():
             model.lm_head.weight.neg_()  # untied in OLMo-2, so it has a bf16 copy
-        graph2 = generate(model, prompts, 30, temperature=0.0, cuda_graph=True)  # the same decoder and graph
+        graph2 = engine.generate(prompts, 30, temperature=0.0, cuda_graph=True)  # the same decoder and graph
+        assert engine._decoder is dec and len(dec.graphs) == 1
         eager2 = generate(model, prompts, 30, temperature=0.0, cuda_graph=False)
     assert torch.equal(graph2.tokens, eager2.tokens) and not torch.equal(graph2.tokens, graph.tokens)
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from nanolab.models import build_model, preset
-from nanolab.sampler import filter_logits, generate, generate_groups, release_decoder, sample_logits
+from nanolab.sampler import (
+    Engine,
+    completion_texts,
+    filter_logits,
+    generate,
+    generate_groups,
+    parse_stops,
+    sample_logits,
+)
 
 FAMILIES = ["gpt2-char-tiny", "olmo2-char-tiny", "mla-char-tiny"]
 PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 30, 12, 63]]
@@ -154,15 +162,79 @@ def test_group_sampling_equals_separate_prefills(model):
 
 
 def test_reused_cache_is_reset_between_calls(model):
+    engine = Engine(model)
     long_batch = [[1] * 30, [2]]  # 29 padding slots in row 1
-    generate(model, long_batch, 5, temperature=0)
     short = [[3, 4], [5, 6, 7]]
     for n in (1, 2):
-        reused = generate(model, short, 17, temperature=0, group_size=n)  # same rows/max_len as the last call?
-        release_decoder(model)
-        fresh = generate(model, short, 17, temperature=0, group_size=n)
+        engine.generate(long_batch, 5, temperature=0, group_size=n)
+        dec = engine._decoder
+        reused = engine.generate(short, 32, temperature=0, group_size=n)  # same rows, cache length 30 + 5 - 1
+        assert engine._decoder is dec  # the cache that held long_batch's padding
+        fresh = generate(model, short, 32, temperature=0, group_size=n)
         assert torch.equal(reused.tokens, fresh.tokens)
-        generate(model, long_batch, 5, temperature=0, group_size=n)
+
+
+def test_engine_reuses_its_decoder_and_frees_it(model):
+    import gc
+    import weakref
+
+    import nanolab.sampler as S
+
+    assert not hasattr(S, "_DECODERS") and not hasattr(S, "release_decoder")  # no hidden per-model state
+    kw = dict(temperature=1.0, top_k=20, seed=7, return_logprobs=True)
+    ref = generate(model, PROMPTS, 10, **kw)
+    engine = Engine(model)
+    assert engine._decoder is None and "empty" in repr(engine)  # nothing allocated before the first call
+    a = engine.generate(PROMPTS, 10, **kw)
+    dec = engine._decoder
+    b = engine.generate(PROMPTS, 10, **kw)  # same shape: the same cache
+    assert engine._decoder is dec and "4 rows" in repr(engine)
+    for g in (a, b):  # same results as the one-off function, and the caller's own tensors
+        assert torch.equal(g.tokens, ref.tokens) and torch.equal(g.mask, ref.mask)
+        torch.testing.assert_close(g.logprobs, ref.logprobs, atol=0, rtol=0)
+    assert a.tokens.data_ptr() != b.tokens.data_ptr()
+    old = weakref.ref(dec)
+    del dec
+    big = engine.generate(PROMPTS, 10, group_size=2, **kw)  # more rows: a new decoder, the old one freed
+    assert old() is None and engine._decoder.idx.shape[0] == 8
+    assert torch.equal(big.tokens, generate(model, PROMPTS, 10, group_size=2, **kw).tokens)
+    longer = engine.generate(PROMPTS, 20, **kw)  # a longer cache: reallocated too
+    assert engine._decoder.cache.valid.shape[1] == 11 + 20 - 1 and longer.tokens.shape == (4, 20)
+    engine.release()
+    assert engine._decoder is None
+    assert torch.equal(engine.generate(PROMPTS, 10, **kw).tokens, ref.tokens)  # usable after release
+    # garbage collection frees the decoder at once (no reference cycles), and the engine does not outlive use
+    freed = weakref.ref(engine._decoder)
+    del engine
+    assert freed() is None
+    with Engine(model) as engine:
+        engine.generate(PROMPTS[:1], 3, temperature=0)
+        assert engine._decoder is not None
+    assert engine._decoder is None
+    gc.collect()
+
+
+def test_engine_reentrant_call_uses_a_temporary_decoder(model):
+    engine = Engine(model)
+    inner = []
+
+    def on_token(t, tok, m):  # a streaming callback that samples again with the same engine
+        if t == 2:
+            inner.append(engine.generate(PROMPTS[:1], 4, temperature=0))
+
+    outer = engine.generate(PROMPTS, 8, temperature=0, on_token=on_token)
+    assert torch.equal(outer.tokens, generate(model, PROMPTS, 8, temperature=0).tokens)
+    assert torch.equal(inner[0].tokens, generate(model, PROMPTS[:1], 4, temperature=0).tokens)
+    assert engine._decoder.idx.shape[0] == len(PROMPTS)  # the outer call's decoder is the one kept
+
+
+def test_engine_needs_a_causal_lm(model):
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # what DDP looks like from outside
+    with pytest.raises(TypeError, match="raw model, e.g. model.module"):
+        Engine(wrapper)
+    with pytest.raises(TypeError, match="CausalLM"):
+        generate(torch.nn.Linear(2, 2), [[1]], 2)
 
 
 def test_outputs_are_trainable_and_mode_restored(model):
@@ -197,6 +269,104 @@ def test_bad_requests_raise_clear_errors(model):
         generate(model, [[1]], 0)
     with pytest.raises(ValueError, match="cuda_graph"):
         generate(model, [[1]], 4, cuda_graph=True)
+    with pytest.raises(ValueError, match="stop_tokens must be a list"):
+        generate(model, [[1]], 4, stop_tokens=3)
+    with pytest.raises(ValueError, match="stop_strings must be a list"):
+        generate(model, [[1]], 4, stop_strings="END", decode=str)
+
+
+def test_float_token_ids_are_refused(model):
+    engine = Engine(model)
+    for call in (generate, lambda *a, **k: engine.generate(*a[1:], **k)):
+        for prompts in (torch.tensor([[1.0, 2.0]]), [[1, 2.0]], [[1.5]], [torch.tensor([1.0, 2.0])], [[True, 2]],
+                        [torch.tensor([1]), torch.tensor([2.0])]):
+            with pytest.raises(ValueError, match=r"prompts(\[\d\])? must hold integer token ids"):
+                call(model, prompts, 4)
+        with pytest.raises(ValueError, match="stop_tokens must hold integer token ids"):
+            call(model, [[1]], 4, stop_tokens=[2.0])
+        with pytest.raises(ValueError, match="stop_tokens must hold integer token ids"):
+            call(model, [[1]], 4, stop_tokens=torch.tensor([2.0]))
+        with pytest.raises(ValueError, match="pad_id must hold integer token ids"):
+            call(model, [[1]], 4, pad_id=0.0)
+    # integer types other than int are fine: numpy integers, integer tensors (2-D, rows, elements)
+    import numpy as np
+
+    ref = generate(model, [[1, 2], [3, 4]], 4, temperature=0, stop_tokens=[63]).tokens
+    for prompts in (np.array([[1, 2], [3, 4]]), torch.tensor([[1, 2], [3, 4]], dtype=torch.int32),
+                    [torch.tensor([1, 2]), [np.int64(3), torch.tensor(4)]]):
+        out = engine.generate(prompts, 4, temperature=0, stop_tokens=np.array([63]), pad_id=np.int32(0))
+        assert torch.equal(out.tokens, ref)
+
+
+def test_bool_temperature_is_refused(model):
+    engine = Engine(model)
+    for call in (generate, lambda *a, **k: engine.generate(*a[1:], **k)):
+        for t in (True, False):
+            with pytest.raises(ValueError, match="temperature.*bool"):
+                call(model, [[1]], 4, temperature=t)
+    for name in ("top_k", "top_p", "group_size"):  # bools are refused for the other numeric arguments too
+        with pytest.raises(ValueError, match=name):
+            engine.generate([[1]], 4, **{name: True})
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.generate([[1]], True)
+    assert engine._decoder is None  # nothing was allocated for a refused call
+    engine.generate([[1]], 2, temperature=1)  # an int temperature is a number, not a bool
+
+
+class _WordTokenizer:
+    """A toy tokenizer: id i <-> WORDS[i]; id 0 is the end-of-text token."""
+
+    WORDS = ["<eot>", " the", " cat", " sat", "\n", " down", "END", "\n\n"]
+    eot_token, name = 0, "words"
+
+    def decode(self, ids):
+        return "".join(self.WORDS[i] for i in ids)
+
+
+def test_parse_stops():
+    tok = _WordTokenizer()
+    toks, strs = parse_stops(["<|endoftext|>", "13", "\\n", "END"], tok, 50)
+    assert toks == [0, 13] and strs == ["\n", "END"]
+    assert parse_stops([], tok, 50) == ([], [])
+    assert parse_stops(["é\\t—", "a\\\\b"], tok, 50) == ([], ["é\t—", "a\\b"])  # escapes decoded, text kept
+    assert parse_stops(["x y", "007"], tok, 50) == ([7], ["x y"])
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        parse_stops(["50"], tok, 50)
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        from nanolab.tokenizers import CharTokenizer
+
+        parse_stops(["<|endoftext|>"], CharTokenizer.from_text("abc"), 3)
+
+
+def test_completion_texts():
+    tok = _WordTokenizer()
+    a, b = [1, 2], [3, 4, 5]  # " the cat", " sat\n down"
+    texts = completion_texts(tok, [a + [0], b, a, a + [0], [3, 7, 6]], [True, True, False, False, True], [0],
+                             ["\n", "END"])
+    # stop token dropped when the row stopped on it (not when it merely ran out); text cut at the stop string
+    assert texts == [" the cat", " sat", " the cat", " the cat<eot>", " sat"]
+    assert completion_texts(tok, [[1, 6, 2, 4]], [True], [], ["\n", "END"]) == [" the"]  # the earliest stop
+    assert completion_texts(tok, [[]], [False], [0], ["\n"]) == [""]
+
+
+def test_stops_from_parse_stops_drive_generate(model):
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    class Tok:
+        eot_token, name = 63, "letters"
+
+        def decode(self, ids):
+            return "".join(letters[i % 26] for i in ids)
+
+    free = generate(model, PROMPTS, 14, temperature=0)
+    text = Tok().decode(free.tokens_list()[1])
+    stop_tokens, stop_strings = parse_stops([str(free.tokens[0, 3].item()), text[5:7]], Tok(), 64)
+    gen = generate(model, PROMPTS, 14, temperature=0, stop_tokens=stop_tokens, stop_strings=stop_strings,
+                   decode=Tok().decode)
+    texts = completion_texts(Tok(), gen.tokens_list(), gen.stopped.tolist(), stop_tokens, stop_strings)
+    for b, t in enumerate(texts):
+        assert stop_strings[0] not in t and Tok().decode(gen.tokens_list()[b]).startswith(t)
+        assert len(t) <= int(gen.lengths[b])
 
 
 def test_mla_absorbed_and_plain_decode_agree():
@@ -253,12 +423,12 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", fake_graph)
 
     model = tiny("olmo2-char-tiny", seed=1)
-    release_decoder(model)
+    engine = S.Engine(model)
 
-    def run(prompts, n, **kw):  # generate() refuses cuda_graph on the CPU: call its core directly
+    def run(prompts, n, **kw):  # generate() refuses cuda_graph on the CPU: call the engine's core directly
         with torch.inference_mode():
-            tokens, mask, stopped, lp, slp = S._generate(
-                model, prompts, n, kw.get("temperature", 0), None, None, [], kw.get("generator"), True,
+            tokens, mask, stopped, lp, slp = engine._generate(
+                prompts, n, kw.get("temperature", 0), None, None, [], kw.get("generator"), True,
                 kw.get("group_size", 1), [], None, 0, (True, False), None, 1, torch.device("cpu"))
         return tokens.clone(), lp.clone()  # generate() clones the reused buffers too
 
@@ -280,13 +450,18 @@ def test_cuda_graph_plumbing_with_a_simulated_graph(monkeypatch):
     assert torch.equal(tokens2, eager2.tokens) and not torch.equal(tokens2, tokens)
     cases = [(PROMPTS, 14, 1), ([[3, 4], [9], [1], [2, 2]], 14, 1), (PROMPTS[:2], 14, 2), (PROMPTS[:1], 20, 1)]
     refs = [generate(model, p, n, temperature=0, group_size=g, return_logprobs=True) for p, n, g in cases]
-    release_decoder(model)
+    assert state["captures"] == 1  # the one-off generate() calls (eager) left the engine's decoder alone
+    engine.release()
+    assert engine._decoder is None
     for (prompts, n, group), ref in zip(cases, refs):
         tokens, lp = run(prompts, n, group_size=group)
         assert torch.equal(tokens, ref.tokens)
         torch.testing.assert_close(lp, ref.logprobs, atol=1e-5, rtol=0)
     assert state["captures"] == 3  # calls 2 and 3 replayed call 1's graph (4 rows, same rounded cache length)
-    release_decoder(model)
+    graphs = engine._decoder.graphs
+    tokens, _ = run(PROMPTS[:1], 20)  # the last shape again: its graph replayed, nothing captured
+    assert state["captures"] == 3 and engine._decoder.graphs is graphs
+    engine.release()
 
 
 def test_sample_script_streams_and_batches(tmp_path, capsys):

@@ -9,10 +9,10 @@ CPU (default):
   4. bytes cached per token for each family.
 GPU (--device cuda): gpt2-124m in bf16, prompt 64, 256 new greedy tokens, batch 1 and 64: ours with and without
   a CUDA graph vs transformers' generate() (dynamic cache, and cache_implementation="static") on the same weights
-  (exported with nanolab.hf.export_hf).
-Each configuration of ours keeps one Engine across its warm-up and timed calls (as an RL loop does: the cache is
-allocated and the CUDA graph captured once), released before the next configuration. Ratios against transformers (dynamic) and against its static cache, and at
+  (exported with nanolab.hf.export_hf). Ratios against transformers (dynamic) and against its static cache, and at
   batch 1 our fraction of the memory-bandwidth bound (weights + KV cache read once per token).
+Each configuration of ours keeps one Engine across its warm-up and timed calls (as an RL loop does: the cache is
+allocated and the CUDA graph captured once), released before the next configuration.
 
     python scripts/bench/bench_sampler.py --device cpu [--quick]
     python scripts/bench/bench_sampler.py --device cuda
@@ -29,10 +29,8 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-
-from nanolab.models import build_model, preset  # noqa: E402
-from nanolab.sampler import Engine  # noqa: E402
+from nanolab.models import build_model, preset
+from nanolab.sampler import Engine
 
 # Reference figures for transformers on an H200 (the lead's measurement), tokens/s, and HBM bandwidths (bytes/s).
 HF_H200 = {("dynamic", 1): 225.0, ("static", 1): 780.0, ("dynamic", 64): 13.8e3, ("static", 64): 37.4e3}
@@ -252,7 +250,8 @@ def bench_vs_transformers(model, device: str, dtype: torch.dtype, batches: tuple
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run of every section)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
