@@ -51,7 +51,7 @@ from nanolab.models import FAMILIES
 from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
 from nanolab.rewards import REWARD_FNS, REWARD_MODES, char_match_rewards, load_reward_fn, sequence_rewards
 from nanolab.rl import build_sequences, completion_logits, rollout_seed, token_advantages, val_windows
-from nanolab.sampler import EOT_TEXT, completion_texts, generate, parse_stops
+from nanolab.sampler import EOT_TEXT, Engine, completion_texts, generate, parse_stops
 from nanolab.tokenizers import GPT2Tokenizer
 
 
@@ -254,6 +254,7 @@ def train(args) -> int:
     acc = torch.zeros(len(names), device=device)
     bad = torch.zeros((), device=device)
     meter, t_train, n_train = run.Throughput(device), 0.0, 0
+    engine = Engine(raw_model)  # owns the rollouts' KV cache and CUDA graphs (the eval sample is a one-off)
     try:
         while True:
             at_end = step >= args.iters
@@ -284,9 +285,9 @@ def train(args) -> int:
             # --- 1-2. prompts and rollouts: G completions per prompt from one shared prefill ---
             prompts, target = prompts_at(step)
             with autocast:
-                gen = generate(raw_model, prompts, M, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, stop_tokens=stop_tokens, stop_strings=stop_strings,
-                               decode=tokenizer.decode, seed=rollout_seed(args.seed, rank, step), group_size=G)
+                gen = engine.generate(prompts, M, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      stop_tokens=stop_tokens, stop_strings=stop_strings, decode=tokenizer.decode,
+                                      seed=rollout_seed(args.seed, rank, step), group_size=G)
             tokens, mask = gen.tokens, gen.mask  # (N, M), N = B * G
             N = tokens.shape[0]
 

@@ -56,7 +56,7 @@ from nanolab.models import FAMILIES
 from nanolab.optim import build_adamw, clip_and_step, lr_at, make_capturable, set_lr
 from nanolab.rewards import REWARD_MODES, char_match_rewards, token_rewards
 from nanolab.rl import kl_coef_at, rollout_seed, token_advantages, val_windows
-from nanolab.sampler import generate
+from nanolab.sampler import Engine
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -241,6 +241,7 @@ def train(args) -> int:
 
     if args.graph_update:
         update = GraphedStep(update, warmup=2)
+    engine = Engine(raw_model)  # owns the rollouts' KV cache and CUDA graphs: the same shape every iteration
     meter, t_train, n_train = run.Throughput(device), 0.0, 0
     try:
         while True:
@@ -274,8 +275,9 @@ def train(args) -> int:
             x_dev = x.to(device)
             prompts = x[:, :P]
             with autocast:
-                gen = generate(raw_model, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, env.rank, step),
-                               return_logprobs=args.partial_logprob != 0.0, group_size=G, compile=compile_decode)
+                gen = engine.generate(prompts, H, temperature=1.0, seed=rollout_seed(args.seed, env.rank, step),
+                                      return_logprobs=args.partial_logprob != 0.0, group_size=G,
+                                      compile=compile_decode)
             tokens, mask = gen.tokens, gen.mask  # (N, H), N = B * G
             target = x_dev[:, P:].repeat_interleave(G, 0)
             seq = torch.cat([x_dev[:, :P].repeat_interleave(G, 0), tokens], 1)  # (N, P + H)

@@ -66,7 +66,7 @@ from nanolab.models import FAMILIES, build_model, config_from_dict
 from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
 from nanolab.rewards import REWARD_MODES, token_rewards
 from nanolab.rl import kl_coef_at, rollout_seed, val_windows
-from nanolab.sampler import generate
+from nanolab.sampler import Engine
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,6 +266,7 @@ def train(args) -> int:
     bad = torch.zeros((), device=device)
     evs: list[float] = []  # explained variance per iteration (nan when the returns have no variance)
     meter, t_train, n_train = run.Throughput(device), 0.0, 0
+    engine = Engine(policy)  # owns the rollouts' KV cache (and CUDA graphs): the same shape every iteration
     try:
         while True:
             at_end = step >= args.iters
@@ -300,7 +301,7 @@ def train(args) -> int:
             x_dev = x.to(device)  # before the rollout (a pageable copy after it would wait for the GPU)
             prompts = x[:, :P]
             with autocast:
-                gen = generate(policy, prompts, H, temperature=1.0, seed=rollout_seed(args.seed, env.rank, step))
+                gen = engine.generate(prompts, H, temperature=1.0, seed=rollout_seed(args.seed, env.rank, step))
             tokens, mask = gen.tokens, gen.mask  # (B, H); no stop tokens, so mask is all True
             target = x_dev[:, P:]
             inp = torch.cat([x_dev[:, :P], tokens], 1)[:, :-1]  # (B, P + H - 1): predicts every gen char
