@@ -365,10 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--big_block_size", type=int, default=2048, help="GPU: --big_preset's context (default: 2048)")
     p.add_argument("--big_iters", type=int, default=60, help="GPU: --big_preset's iterations (default: 60)")
     p.add_argument("--step_only", action="store_true", help="GPU: only the in-process step rows")
+    p.add_argument("--scripts_only", action="store_true", help="GPU: only the subprocess rows")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not args.step_only:
         bench_gpu_scripts(args)
-    if args.device.startswith("cuda") or args.throughput:
+    if (args.device.startswith("cuda") and not args.scripts_only) or args.throughput:
         bench_gpu(args)
     else:
         bench_cpu(args)
