@@ -17,15 +17,16 @@ train.py with its README's CPU command once per seed slot, before each of ours, 
 ratio to those runs' median instead of to the published 90 s. (nanoGPT's train.py fixes its seed at 1337.)
 
 GPU: what users run, timed as a whole. scripts/train.py runs as a subprocess on tiny Shakespeare in GPT-2 BPE
-(GPT-2 124M without biases, vocabulary 50304, batch 12 x 1024, bf16 autocast, --compile) for two run lengths;
-the steady-state rate is (long - short iterations) x tokens per step / (long - short wall seconds), so startup and
-compilation cancel. With --nanogpt DIR (a checkout whose data/shakespeare/{train,val}.bin are prepared) nanoGPT's
-own train.py runs the same configuration, alternating with ours, in the same call. The rate train.py logs
-(tokens_per_s, the wall clock since the previous log row) is checked against that wall-clock figure. Then, as
-second rows, the isolated train.py step and the step nanoGPT's bench.py times, on synthetic tokens in-process.
---big_preset adds a larger model's run (e.g. olmo2-1b) with its MFU from the logged steady-state rate.
+(GPT-2 124M without biases, vocabulary 50304, batch 12 x 1024, bf16 autocast, --compile), after an untimed
+warm-up run that fills torch.compile's caches; the table gives the whole run's wall time and the steady-state rate
+by the wall clock inside the run (the time_s column of train.py's log rows, after the first two), and checks the
+tokens_per_s train.py logs against it. With --nanogpt DIR (a checkout whose data/shakespeare/{train,val}.bin are
+prepared) nanoGPT's own train.py runs the same configuration first, in the same call (its steady state: the median
+of the per-iteration times it prints). Then, as second rows, the isolated train.py step and the step nanoGPT's
+bench.py times, on synthetic tokens in-process. --big_preset adds a larger model's run (e.g. olmo2-1b) with its
+MFU from the logged steady-state rate.
 
-    python scripts/bench/bench_train.py --device cuda --nanogpt ~/nanoGPT [--short_iters 50 --long_iters 850]
+    python scripts/bench/bench_train.py --device cuda --nanogpt ~/nanoGPT [--long_iters 850]
     python scripts/bench/bench_train.py --device cuda --big_preset olmo2-1b --big_batch_size 8
 """
 
@@ -184,76 +185,82 @@ NANOGPT_GPU_FLAGS = ["--dataset=shakespeare", "--batch_size=12", "--block_size=1
                      "--always_save_checkpoint=False", "--learning_rate=6e-4", "--min_lr=6e-5", "--warmup_iters=2000"]
 
 
-def timed(cmd: list[str], cwd: Path) -> float:
-    """Wall seconds of a command run to completion (its failure is fatal, with its stderr)."""
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    """(wall seconds, stdout) of a command run to completion (its failure is fatal, with its stderr)."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall
+    return wall, proc.stdout
 
 
 def ours_gpu(flags: list[str], iters: int, out: Path, device: str, log_interval: int) -> tuple[float, list[dict]]:
     """train.py as a subprocess: (wall seconds, its logged training rows)."""
-    wall = timed([sys.executable, str(REPO / "scripts" / "train.py"), *flags, "--device", device, "--max_iters",
-                  str(iters), "--log_interval", str(log_interval), "--out_dir", str(out)], REPO)
+    wall, _ = timed([sys.executable, str(REPO / "scripts" / "train.py"), *flags, "--device", device, "--max_iters",
+                     str(iters), "--log_interval", str(log_interval), "--out_dir", str(out)], REPO)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return wall, [r for r in rows if "tokens_per_s" in r]
 
 
+def nanogpt_gpu(nanogpt_dir: Path, iters: int, out: Path, device: str, log_interval: int) -> tuple[float, float]:
+    """nanoGPT's train.py as a subprocess: (wall seconds, median of its logged per-iteration ms after the first
+    two logs; it times each iteration on the host, which the GPU's queue holds to the GPU's pace)."""
+    wall, stdout = timed([sys.executable, "train.py", *NANOGPT_GPU_FLAGS, f"--max_iters={iters}",
+                          f"--lr_decay_iters={max(iters, 2)}", f"--log_interval={log_interval}", f"--device={device}",
+                          f"--out_dir={out}"], nanogpt_dir)
+    ms = [float(m) for m in re.findall(r"^iter \d+: loss [\d.]+, time ([\d.]+)ms", stdout, re.M)][2:]
+    return wall, statistics.median(ms) / 1e3 if ms else float("nan")
+
+
 def bench_gpu_scripts(args) -> None:
-    """Steady-state tokens/s of train.py (and nanoGPT's train.py) by the wall clock of two run lengths."""
+    """train.py (and nanoGPT's train.py) as users run them: whole-run wall time, and the steady-state rate by the
+    wall clock inside the run (train.py's time_s column between log rows; nanoGPT's per-iteration log)."""
     from nanolab.models import build_model, preset
     from nanolab.tracking import mfu
 
     tokens_per_step = 12 * 1024
     fpt = build_model(preset("gpt2-124m", vocab_size=50304, bias=False)).flops_per_token(1024)
-    short, long = args.short_iters, args.long_iters
-    walls: dict[str, dict[int, float]] = {"ours": {}, "nanoGPT": {}}
-    logged = []
+    n = args.long_iters
+    res: dict[str, tuple[float, float]] = {}  # name -> (whole-run wall s, steady s/iter)
     with tempfile.TemporaryDirectory(prefix="bench_train_gpu_") as tmp:
-        # the first run of each fills torch.compile's on-disk caches: later runs compile from them, so an untimed
-        # warm-up run keeps a cold first compile out of the difference of the two timed runs
-        for n in (short, short, long):
-            if args.nanogpt:  # nanoGPT first, then ours, at each length (same window)
-                walls["nanoGPT"][n] = timed([sys.executable, "train.py", *NANOGPT_GPU_FLAGS, f"--max_iters={n}",
-                                             f"--lr_decay_iters={max(n, 2)}", f"--log_interval={args.log_interval}",
-                                             f"--device={args.device}", f"--out_dir={tmp}/nanogpt{n}"],
-                                            Path(args.nanogpt))
-            walls["ours"][n], rows = ours_gpu(GPT2_GPU_FLAGS, n, Path(tmp) / f"ours{n}", args.device,
-                                              args.log_interval)
-            if n == long:
-                logged = [r["tokens_per_s"] for r in rows[2:]]  # after compilation and autotuning
+        # one untimed short run of each first: it fills torch.compile's on-disk caches, so neither timed run pays
+        # a cold compile (a cold and a warm compile differ by seconds, which also makes the difference of two run
+        # lengths unreliable: 18.9 ms/iter that way vs 26.2 by the clock inside the run, H200, 2026-12-01)
+        for timed_run in (False, True):
+            iters = n if timed_run else args.short_iters
+            if args.nanogpt:  # nanoGPT first, then ours (same window)
+                wall, s_iter = nanogpt_gpu(Path(args.nanogpt), iters, Path(tmp) / f"n{iters}", args.device,
+                                           args.log_interval)
+                if timed_run:
+                    res["nanoGPT train.py"] = (wall, s_iter)
+            wall, rows = ours_gpu(GPT2_GPU_FLAGS, iters, Path(tmp) / f"o{iters}", args.device, args.log_interval)
+            if timed_run:
+                a, b = rows[2], rows[-1]  # after compilation and autotuning
+                s_iter = (b["time_s"] - a["time_s"]) / (b["step"] - a["step"])
+                logged = statistics.median(r["tokens_per_s"] for r in rows[3:])
+                res["nanolab scripts/train.py"] = (wall, s_iter)
         big = None
         if args.big_preset:  # its rate and MFU as train.py logs them (checked against the wall clock above)
             flags = [*[f for f in GPT2_GPU_FLAGS if f not in ("--bias", "false")], "--preset", args.big_preset,
                      "--batch_size", str(args.big_batch_size), "--block_size", str(args.big_block_size)]
             wall, rows = ours_gpu(flags, args.big_iters, Path(tmp) / "big", args.device, 10)
-            big = (statistics.median(r["tokens_per_s"] for r in rows[2:]), statistics.median(r.get("mfu", float("nan")) for r in rows[2:]),
-                   wall)
+            big = (statistics.median(r["tokens_per_s"] for r in rows[2:]),
+                   statistics.median(r.get("mfu", float("nan")) for r in rows[2:]), wall)
     print(f"train.py as users run it: GPT-2 124M without biases (vocab 50304), batch 12 x 1024, bf16, --compile, "
-          f"tiny Shakespeare in GPT-2 BPE; steady state from {short} and {long} iterations by the wall clock; MFU "
-          f"at {args.peak_flops / 1e12:.0f} TFLOP/s")
-    print("| run | wall s (short / long) | ms/iter | tokens/s | MFU | x nanoGPT train.py (same call) |")
-    print("|---|---|---|---|---|---|")
-    rates = {}
-    for name, w in walls.items():
-        if not w:
-            continue
-        s_iter = (w[long] - w[short]) / (long - short)
-        rates[name] = tokens_per_step / s_iter
-    for name, w in walls.items():
-        if name not in rates:
-            continue
-        ratio = f"{rates[name] / rates['nanoGPT']:.3f}" if "nanoGPT" in rates else "n/a"
-        label = "nanoGPT train.py" if name == "nanoGPT" else "nanolab scripts/train.py"
-        print(f"| {label} | {w[short]:.2f} / {w[long]:.2f} | {tokens_per_step / rates[name] * 1e3:.2f} | "
-              f"{rates[name] / 1e3:.1f}k | {mfu(fpt, rates[name], args.peak_flops):.1%} | {ratio} |")
-    if logged:
-        med = statistics.median(logged)
-        print(f"train.py's own log (median tokens_per_s of the long run's rows after the first two): {med / 1e3:.1f}k "
-              f"= {med / rates['ours']:.3f} x the wall-clock figure")
+          f"tiny Shakespeare in GPT-2 BPE, {n} iterations after an untimed warm-up run; MFU at "
+          f"{args.peak_flops / 1e12:.0f} TFLOP/s")
+    print("| run | whole run, wall s | steady ms/iter | tokens/s | MFU | x nanoGPT (steady) | x nanoGPT (whole run) |")
+    print("|---|---|---|---|---|---|---|")
+    base = res.get("nanoGPT train.py")
+    for name, (wall, s_iter) in res.items():
+        tps = tokens_per_step / s_iter
+        vs = (f"{base[1] / s_iter:.3f} | {base[0] / wall:.3f}") if base else "n/a | n/a"
+        print(f"| {name} | {wall:.2f} | {s_iter * 1e3:.2f} | {tps / 1e3:.1f}k | {mfu(fpt, tps, args.peak_flops):.1%} "
+              f"| {vs} |")
+    ours = res["nanolab scripts/train.py"][1]
+    print(f"train.py's own log (median tokens_per_s after the first rows): {logged / 1e3:.1f}k = "
+          f"{logged * ours / tokens_per_step:.3f} x the rate by its time_s column")
     if big is not None:
         print(f"{args.big_preset}, batch {args.big_batch_size} x {args.big_block_size}, {args.big_iters} iterations "
               f"({big[2]:.1f} s in all): logged steady state {big[0] / 1e3:.1f}k tokens/s, MFU {big[1]:.1%}")
@@ -357,8 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no_bias", action="store_true",
                    help="GPU: GPT-2 without biases, the configuration nanoGPT's bench.py times (bias=False)")
     p.add_argument("--peak_flops", type=float, default=H100_BF16_PEAK_FLOPS, help="GPU: peak FLOP/s for MFU")
-    p.add_argument("--short_iters", type=int, default=50, help="GPU: the short run's iterations (default: 50)")
-    p.add_argument("--long_iters", type=int, default=850, help="GPU: the long run's iterations (default: 850)")
+    p.add_argument("--short_iters", type=int, default=20, help="GPU: the warm-up run's iterations (default: 20)")
+    p.add_argument("--long_iters", type=int, default=850, help="GPU: the timed run's iterations (default: 850)")
     p.add_argument("--log_interval", type=int, default=50, help="GPU: train.py's log interval (default: 50)")
     p.add_argument("--big_preset", default=None, help="GPU: also run train.py with this preset (e.g. olmo2-1b)")
     p.add_argument("--big_batch_size", type=int, default=8, help="GPU: --big_preset's batch (default: 8)")
