@@ -374,11 +374,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step_only", action="store_true", help="GPU: only the in-process step rows")
     p.add_argument("--scripts_only", action="store_true", help="GPU: only the subprocess rows")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not args.step_only:
+    cuda = args.device.startswith("cuda")
+    if cuda and not args.step_only:
         bench_gpu_scripts(args)
-    if (args.device.startswith("cuda") and not args.scripts_only) or args.throughput:
+    if (cuda and not args.scripts_only) or args.throughput:
         bench_gpu(args)
-    else:
+    elif not cuda:
         bench_cpu(args)
 
 
