@@ -73,6 +73,21 @@ def sample_text(model: CausalLM, tokenizer, val_x: torch.Tensor, prompt_len: int
             f"  sample {tokenizer.decode(gen.tokens[0].tolist())!r}")
 
 
+def evaluate(model: CausalLM, tokenizer, val_x: torch.Tensor, val_y: torch.Tensor, step: int, chars_seen: int,
+             summary: dict[str, Any], rd: run.RunDir, env: run.Env, tracker, args: argparse.Namespace) -> None:
+    """The evaluation of the char task: the teacher-forced val CE (nats/char) on the fixed windows, logged and kept
+    in `summary` (first and last), a NaN stopping the run (Diverged); a sample next to the truth, on rank 0."""
+    row = {"step": step, "chars_seen": chars_seen,
+           "val_ce": run.mean_loss(model, run.chunks(val_x, val_y, 64), env.autocast)}
+    run.check_finite(row, step, rd)
+    summary.setdefault("val_ce_first", row["val_ce"])
+    summary["val_ce_last"] = row["val_ce"]
+    tracker.log(row)
+    tracker.print(f"iter {step}: val CE {row['val_ce']:.4f} nats/char, {chars_seen:,} chars seen")
+    if env.main:
+        tracker.print(sample_text(model, tokenizer, val_x, args.prompt_len, args.horizon, args.seed, env.autocast))
+
+
 def done_message(step: int, chars_seen: int, s_per_iter: float, summary: dict[str, Any], what: str) -> str:
     """The closing lines: iterations, characters seen, s/iter, reward and val CE from first to last."""
     nan = float("nan")

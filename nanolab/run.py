@@ -100,6 +100,22 @@ def add_optim_args(p: argparse.ArgumentParser, *, learning_rate: float, min_lr: 
       f"{grad_clip:g})")
 
 
+def add_iteration_args(p: argparse.ArgumentParser, *, iters: int, log_interval: int, eval_interval: int,
+                       val_windows: int, what: str = "rollouts + update", val_help: str = "") -> None:
+    """The RL scripts' loop: --iters, --log_interval, --eval_interval (0: only the first and last evaluation),
+    --val_windows, --checkpoint_interval (default: at each evaluation; the last iteration is always saved)."""
+    a = p.add_argument_group("iterations, evaluation and checkpoints").add_argument
+    a("--iters", type=int, default=iters, help=f"iterations ({what}) in total (default: {iters})")
+    a("--log_interval", type=int, default=log_interval,
+      help=f"metrics row every N iterations (default: {log_interval})")
+    a("--eval_interval", type=int, default=eval_interval,
+      help=f"val CE + sample every N iterations; 0: only first/last (default: {eval_interval})")
+    a("--val_windows", type=int, default=val_windows,
+      help=f"fixed val windows for the CE{val_help} (default: {val_windows})")
+    a("--checkpoint_interval", type=int, default=None,
+      help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
+
+
 def add_run_args(p: argparse.ArgumentParser, out_dir: str, *, keep_last: int | None = None) -> None:
     """Run folder, resume, checkpoints and logging, and the system flags: seed, device, dtype, compile."""
     a = p.add_argument_group("run folder and logging").add_argument
@@ -139,14 +155,26 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse
     return args
 
 
+MODEL_FLAGS = ("model", "preset", "n_layer", "n_head", "n_embd", "vocab_size", "bias", "activation")
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, *, positive: Iterable[str] = (),
-               nonnegative: Iterable[str] = (), unit_open: Iterable[str] = (), unit_closed: Iterable[str] = ()) -> None:
+               nonnegative: Iterable[str] = (), unit_open: Iterable[str] = (), unit_closed: Iterable[str] = (),
+               ignored_with_init_from: Iterable[str] = ()) -> None:
     """Range checks (argparse's error: usage + one line, exit 2). Named flags that are None are skipped; the
     common ones are always checked when the script has them: n_layer/n_head/n_embd/block_size >= 1,
     0 <= dropout < 1, learning rates > 0 and min_lr <= learning_rate, warmup >= 0, grad_clip >= 0,
-    weight_decay >= 0, 0 < beta1, beta2 < 1, keep_last >= 1."""
+    weight_decay >= 0, 0 < beta1, beta2 < 1, keep_last >= 1. Also: --min_lr None becomes learning_rate / 10, and
+    with --init_from a checkpoint the flags that choose a scratch model (MODEL_FLAGS the script has, plus
+    `ignored_with_init_from`) are errors."""
     def get(name):
         return getattr(args, name, None)
+
+    if get("init_from") not in (None, "scratch"):
+        ignored_with(p, args, [n for n in (*MODEL_FLAGS, *ignored_with_init_from) if hasattr(args, n)],
+                     "--init_from (the model comes from it)")
+    if hasattr(args, "min_lr") and args.min_lr is None and get("learning_rate") is not None:
+        args.min_lr = args.learning_rate / 10
 
     positive = [*positive, "n_layer", "n_head", "n_embd", "block_size", "learning_rate", "keep_last"]
     nonnegative = [*nonnegative, "warmup_iters", "grad_clip", "weight_decay", "min_lr"]

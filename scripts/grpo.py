@@ -98,15 +98,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--vocab_size", type=int, default=None,
       help="scratch vocabulary (default: the tokenizer's 50257); smaller = only the first V BPE ids")
     run.add_optim_args(p, learning_rate=1e-4, min_lr=None, warmup_iters=10, weight_decay=0.0)
-    a = p.add_argument_group("optimizer").add_argument
-    a("--iters", type=int, default=200, help="iterations (rollouts + update) in total (default: 200)")
     run.add_run_args(p, "out/grpo", keep_last=2)
-    a = p.add_argument_group("evaluation and checkpoints").add_argument
-    a("--log_interval", type=int, default=10, help="metrics row every N iterations (default: 10)")
-    a("--eval_interval", type=int, default=50, help="val CE + sample every N iterations; 0: only first/last")
-    a("--val_windows", type=int, default=64, help="fixed val windows for the CE of --task continuation")
-    a("--checkpoint_interval", type=int, default=None,
-      help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
+    run.add_iteration_args(p, iters=200, log_interval=10, eval_interval=50, val_windows=64,
+                           what="rollouts + update", val_help=" of --task continuation")
     a = p.add_argument_group("system").add_argument
     a("--compile", action="store_true", help="torch.compile the policy for the update")
     args = run.parse(p, argv)
@@ -115,7 +109,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "temperature"],
                    nonnegative=["iters", "eval_interval", "checkpoint_interval", "beta_kl", "clip_eps_low",
                                 "clip_eps_high"],
-                   unit_closed=["gamma"])
+                   unit_closed=["gamma"], ignored_with_init_from=["block_size"])
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.group_size < 2:
@@ -132,9 +126,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         run.ignored_with(p, args, ["reward_mode", "credit", "gamma"], "--task reward_fn (one reward per completion)")
     if args.credit == "token":
         run.ignored_with(p, args, ["gamma"], "--credit token")
-    if args.init_from != "scratch":
-        run.ignored_with(p, args, ["model", "preset", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"],
-                         "--init_from (the model comes from it)")
     try:
         args.reward_kwargs = json.loads(args.reward_kwargs) if isinstance(args.reward_kwargs, str) else args.reward_kwargs
     except json.JSONDecodeError as e:
@@ -143,9 +134,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--reward_kwargs must be a JSON object, got {args.reward_kwargs!r}")
     if args.adv_norm is None:
         args.adv_norm = "batch" if args.task == "continuation" else "group"
-    if args.min_lr is None:
-        args.min_lr = args.learning_rate / 10
-    run.check_args(p, args)  # min_lr <= learning_rate, now that it is resolved
     return args
 
 

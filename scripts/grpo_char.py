@@ -48,7 +48,8 @@ import sys
 import torch
 
 from nanolab import dist, run
-from nanolab.char_task import char_policy, char_reference, done_message, sample_text
+from nanolab.char_task import char_policy, char_reference, done_message
+from nanolab.char_task import evaluate as evaluate_char_task
 from nanolab.data import BatchIterator, load_tokens
 from nanolab.graphs import GraphedStep
 from nanolab.losses import categorical_kl, grpo_loss, masked_mean, token_entropy, token_logprobs
@@ -92,15 +93,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="characters seen over which the KL coefficient rises linearly from 0 to beta_kl (default: 200000)")
     run.add_model_args(p, FAMILIES, init_from_help="'scratch' or a train.py checkpoint / run folder")
     run.add_optim_args(p, learning_rate=1e-3, min_lr=None, warmup_iters=10, weight_decay=0.0)
-    a = p.add_argument_group("optimizer").add_argument
-    a("--iters", type=int, default=200, help="iterations (rollouts + update) in total (default: 200)")
     run.add_run_args(p, "out/grpo_char", keep_last=2)
-    a = p.add_argument_group("evaluation and checkpoints").add_argument
-    a("--log_interval", type=int, default=10, help="metrics row every N iterations (default: 10)")
-    a("--eval_interval", type=int, default=50, help="val CE + sample every N iterations; 0: only first/last")
-    a("--val_windows", type=int, default=256, help="fixed val windows for the CE (default: 256)")
-    a("--checkpoint_interval", type=int, default=None,
-      help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
+    run.add_iteration_args(p, iters=200, log_interval=10, eval_interval=50, val_windows=256,
+                           what="rollouts + update")
     a = p.add_argument_group("system").add_argument
     a("--compile", action="store_true",
       help="torch.compile the policy and the loss for the update and, on CUDA, the sampler's decode step "
@@ -114,18 +109,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "val_windows", "bigram_smoothing"],
                    nonnegative=["iters", "eval_interval", "checkpoint_interval", "kl_warmup_tokens", "beta_kl",
                                 "clip_eps", "clip_eps_high"],
-                   unit_closed=["gamma"])
+                   unit_closed=["gamma"], ignored_with_init_from=["block_size"])
     if args.group_size < 2:
         p.error(f"--group_size must be >= 2, got {args.group_size}: advantages are relative to the group mean, "
                 "so a group of one has advantage 0 everywhere and nothing is learned")
-    if args.init_from != "scratch":
-        run.ignored_with(p, args, ["model", "preset", "n_layer", "n_head", "n_embd", "block_size"],
-                         "--init_from (the model comes from it)")
     if args.credit == "token":
         run.ignored_with(p, args, ["gamma"], "--credit token")
-    if args.min_lr is None:
-        args.min_lr = args.learning_rate / 10
-    run.check_args(p, args)  # min_lr <= learning_rate, now that it is resolved
     return args
 
 
@@ -250,15 +239,7 @@ def train(args) -> int:
             save = run.save_due(step, start_step, at_end, args.checkpoint_interval, args.eval_interval)
             with meter.paused():  # eval / save time is not training time
                 if evaluate:
-                    row = {"step": step, "chars_seen": chars_seen,
-                           "val_ce": run.mean_loss(raw_model, run.chunks(val_x, val_y, 64), autocast)}
-                    run.check_finite(row, step, rd)
-                    summary.setdefault("val_ce_first", row["val_ce"])
-                    summary["val_ce_last"] = row["val_ce"]
-                    tracker.log(row)
-                    tracker.print(f"iter {step}: val CE {row['val_ce']:.4f} nats/char, {chars_seen:,} chars seen")
-                    if env.main:
-                        tracker.print(sample_text(raw_model, tokenizer, val_x, P, H, args.seed, autocast))
+                    evaluate_char_task(raw_model, tokenizer, val_x, val_y, step, chars_seen, summary, rd, env, tracker, args)
                 if save:
                     run.save(rd, env, step, raw_model, optimizer,
                              {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),

@@ -47,7 +47,8 @@ import torch
 import torch.nn as nn
 
 from nanolab import dist, run
-from nanolab.char_task import char_policy, char_reference, done_message, sample_text
+from nanolab.char_task import char_policy, char_reference, done_message
+from nanolab.char_task import evaluate as evaluate_char_task
 from nanolab.checkpoint import load_checkpoint, read_state, save_checkpoint, step_dir_name
 from nanolab.data import BatchIterator, load_tokens
 from nanolab.losses import (
@@ -107,15 +108,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--critic_n_head", type=int, default=None, help="separate critic: heads (default: the policy's)")
     run.add_model_args(p, FAMILIES, init_from_help="'scratch' or a train.py checkpoint / run folder")
     run.add_optim_args(p, learning_rate=1e-3, min_lr=None, warmup_iters=10, weight_decay=0.0)
-    a = p.add_argument_group("optimizer").add_argument
-    a("--iters", type=int, default=60, help="iterations (rollouts + updates) in total (default: 60)")
     run.add_run_args(p, "out/ppo", keep_last=2)
-    a = p.add_argument_group("evaluation and checkpoints").add_argument
-    a("--log_interval", type=int, default=10, help="metrics row every N iterations (default: 10)")
-    a("--eval_interval", type=int, default=30, help="val CE + sample every N iterations; 0: only first/last")
-    a("--val_windows", type=int, default=256, help="fixed val windows for the CE (default: 256)")
-    a("--checkpoint_interval", type=int, default=None,
-      help="save every N iterations (default: eval_interval; the last is always saved); 0: never")
+    run.add_iteration_args(p, iters=60, log_interval=10, eval_interval=30, val_windows=256,
+                           what="rollouts + updates")
     a = p.add_argument_group("system").add_argument
     a("--compile", action="store_true", help="torch.compile the actor-critic for the update")
     args = run.parse(p, argv)
@@ -124,17 +119,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "critic_n_embd", "critic_n_head"],
                    nonnegative=["iters", "eval_interval", "checkpoint_interval", "kl_warmup_tokens", "beta_kl",
                                 "clip_eps", "clip_eps_high", "vf_clip", "vf_coef", "ent_coef"],
-                   unit_closed=["gamma", "lam"])
+                   unit_closed=["gamma", "lam"], ignored_with_init_from=["block_size"])
     if args.batch_size % args.num_minibatches:
         p.error(f"--num_minibatches {args.num_minibatches} must divide --batch_size {args.batch_size}")
-    if args.init_from != "scratch":
-        run.ignored_with(p, args, ["model", "preset", "n_layer", "n_head", "n_embd", "block_size"],
-                         "--init_from (the model comes from it)")
     if args.critic == "shared":
         run.ignored_with(p, args, ["critic_n_layer", "critic_n_embd", "critic_n_head"], "--critic shared")
-    if args.min_lr is None:
-        args.min_lr = args.learning_rate / 10
-    run.check_args(p, args)  # min_lr <= learning_rate, now that it is resolved
     return args
 
 
@@ -274,15 +263,7 @@ def train(args) -> int:
             save = run.save_due(step, start_step, at_end, args.checkpoint_interval, args.eval_interval)
             with meter.paused():  # eval / save time is not training time
                 if evaluate:
-                    row = {"step": step, "chars_seen": chars_seen,
-                           "val_ce": run.mean_loss(policy, run.chunks(val_x, val_y, 64), autocast)}
-                    run.check_finite(row, step, rd)
-                    summary.setdefault("val_ce_first", row["val_ce"])
-                    summary["val_ce_last"] = row["val_ce"]
-                    tracker.log(row)
-                    tracker.print(f"iter {step}: val CE {row['val_ce']:.4f} nats/char, {chars_seen:,} chars seen")
-                    if env.main:
-                        tracker.print(sample_text(policy, tokenizer, val_x, P, H, args.seed, autocast))
+                    evaluate_char_task(policy, tokenizer, val_x, val_y, step, chars_seen, summary, rd, env, tracker, args)
                 if save:
                     if env.main:  # the critic first: a policy checkpoint (the `latest` one) always has its critic
                         critic_cfg = value.trunk.config.to_dict() if value.trunk is not None else None

@@ -68,9 +68,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.check_args(p, args, positive=["batch_size", "gradient_accumulation_steps", "log_interval", "eval_iters",
                                       "vocab_size", "peak_flops", "lr_decay_iters"],
                    nonnegative=["max_iters", "eval_interval", "checkpoint_interval", "sample_len"])
-    if args.init_from != "scratch":
-        run.ignored_with(p, args, ["model", "preset", "n_layer", "n_head", "n_embd", "vocab_size", "bias",
-                                   "activation"], "--init_from (the model comes from it)")
     family = PRESETS[args.preset][0] if args.preset else args.model
     if family != "gpt2":
         run.ignored_with(p, args, ["bias", "activation"], f"an {family} model" if family[0] in "aeiou" else f"a {family} model")
