@@ -287,7 +287,9 @@ class RunDir(NamedTuple):
 _held_locks: list[Any] = []  # open lock files of this process (closing one releases its lock)
 
 
-def _lock(path: Path) -> None:
+def _try_lock(path: Path):
+    """The run folder's lock file, locked (exclusive, non-blocking) and holding this pid; a folder locked by a live
+    process is a UsageError naming it and the holder's pid."""
     import fcntl
 
     f = open(path / LOCK_FILE, "a+", encoding="utf-8")
@@ -303,7 +305,21 @@ def _lock(path: Path) -> None:
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
-    _held_locks.append(f)
+    return f
+
+
+def _lock(path: Path) -> None:
+    _held_locks.append(_try_lock(path))
+
+
+@contextmanager
+def locked(path: str | os.PathLike):
+    """Hold a run folder's lock for the block (e.g. to delete a folder no live run is using)."""
+    f = _try_lock(Path(path))
+    try:
+        yield
+    finally:
+        f.close()
 
 
 def release_runs() -> None:

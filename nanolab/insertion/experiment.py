@@ -19,8 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,13 +28,14 @@ import numpy as np
 import torch
 import yaml
 
+from nanolab import run
 from nanolab.checkpoint import load_checkpoint, read_state, step_dir_name
 from nanolab.config import to_dict
 from nanolab.errors import UsageError
 from nanolab.insertion.build import BuildReport, InsertionSource, build_insertion_map, read_jsonl
 from nanolab.insertion.insertion_map import InsertionMap
 from nanolab.models import PRESETS, CausalLM, build_model, config_from_dict, preset
-from nanolab.run import LOCK_FILE, RUN_MARKER, read_marker
+from nanolab.run import RUN_MARKER, read_marker
 from nanolab.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer
 
 Tokenizer = CharTokenizer | GPT2Tokenizer
@@ -363,22 +363,6 @@ def guarded_rmtree(target: str | os.PathLike, root: str | os.PathLike, dry_run: 
     return True
 
 
-@contextmanager
-def _unused(path: Path) -> Iterator[None]:
-    """Hold the run folder's lock (the one nanolab.run.open_run takes) for the block; a folder in use by a live
-    run is refused, naming its pid."""
-    import fcntl
-
-    with open(path / LOCK_FILE, "a+", encoding="utf-8") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            raise ExperimentError(f"refusing to delete {path}: it is in use by another run (pid "
-                                  f"{f.read().strip() or 'unknown'})") from None
-        yield
-
-
 def delete_run_folder(run_dir: str | os.PathLike, save_folder: str | os.PathLike, script: str,
                       dry_run: bool = False) -> bool:
     """--delete-experiment-folder: delete run_dir only if it is inside save_folder (guarded_rmtree), carries the
@@ -396,9 +380,12 @@ def delete_run_folder(run_dir: str | os.PathLike, save_folder: str | os.PathLike
                               "as a run folder; delete it yourself if it is meant to go, or choose another name")
     if marker.get("script") not in (None, script):
         raise ExperimentError(f"refusing to delete {run_dir}: it is a run folder of {marker['script']}, not {script}")
-    with _unused(run_dir):
-        if not dry_run:
-            guarded_rmtree(run_dir, save_folder)
+    try:
+        with run.locked(run_dir):
+            if not dry_run:
+                guarded_rmtree(run_dir, save_folder)
+    except UsageError as e:
+        raise ExperimentError(f"refusing to delete {run_dir}: {e}") from None
     return True
 
 
