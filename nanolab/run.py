@@ -299,8 +299,10 @@ def _try_lock(path: Path):
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise UsageError(f"{path} is in use by another run (pid {holder}); wait for it or choose another run "
-                         "folder") from None
+        err = UsageError(f"{path} is in use by another run (pid {holder}); wait for it or choose another run "
+                         "folder")
+        err.holder = holder
+        raise err from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

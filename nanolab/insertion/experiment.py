@@ -385,7 +385,8 @@ def delete_run_folder(run_dir: str | os.PathLike, save_folder: str | os.PathLike
             if not dry_run:
                 guarded_rmtree(run_dir, save_folder)
     except UsageError as e:
-        raise ExperimentError(f"refusing to delete {run_dir}: {e}") from None
+        raise ExperimentError(f"refusing to delete {run_dir}: it is in use by another run (pid "
+                              f"{getattr(e, 'holder', 'unknown')})") from None
     return True
 
 
