@@ -1,11 +1,12 @@
 """What every script does around its loop, written once: plain functions, no Trainer, no callbacks, no loop.
 
-    env = run.setup(args.device, args.dtype, deterministic=False)     # DDP, device, autocast, TF32
+    args = run.parse(p, argv)                                          # p = run.parser(__doc__) + run.add_*_args
+    env = run.setup(args.device, args.dtype, args.deterministic)       # DDP, device, autocast, TF32
+    rd = run.open_run(args.out_dir, env, "train", args.resume, meaning, args)  # lock, marker, start or resume
     info = run.prepare_data(env, "char", args.data_dir)               # rank 0 tokenizes first, the others read
-    rd = run.open_run(args.out_dir, env, "train", args.resume, meaning)  # lock, marker, resume-or-start checks
-    model = run.start_model(rd, args, scratch=lambda: cfg, tokenizer=tok)  # scratch / checkpoint / HF folder
+    model = run.start_model(rd, args.init_from, lambda: cfg, tokenizer, args.dropout, args.seed)
     ...optimizer, data iterator...
-    saved = run.restore(rd, env, model, optimizer, data=it, seed=args.seed) if rd.resume_from else None
+    saved = run.restore(rd, env, model, optimizer, it, args.seed) if rd.resume_from else None
     tracker = run.open_tracker(rd, env, args, total=max_iters, start_step=step, saved=saved)
     while ...:                                                        # the script's own loop and update math
         if run.save_due(step, start, at_end, args.checkpoint_interval, args.eval_interval):
