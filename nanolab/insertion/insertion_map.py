@@ -35,6 +35,7 @@ import h5py
 import numpy as np
 
 from nanolab.errors import UsageError
+from nanolab.fileio import atomic_path
 
 FORMAT, VERSION = "nanolab-insertion-map", 1
 _CHUNK = 1 << 12  # HDF5 chunk length (elements): small, as lookups read a few chunks per key
@@ -62,7 +63,7 @@ class InsertionMapWriter:
 
     Tokens are staged in a raw scratch file beside the output and moved into key order at close in blocks
     of _BLOCK_TOKENS, so memory stays ~32 bytes per insertion plus one block, whatever the token count.
-    The file appears under `path` only if close() succeeds (temp name + os.replace).
+    The file appears under `path` only if close() succeeds (nanolab.fileio.atomic_path).
     """
 
     def __init__(self, path: str | os.PathLike, seq_len: int, vocab_size: int, *, attrs: dict | None = None):
@@ -172,10 +173,7 @@ class InsertionMapWriter:
                                  f"the one at {pos[i + 1]}")
             first = np.flatnonzero(np.concatenate([[True], ~same])) if keys.size else np.zeros(0, np.int64)
             offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)), prefix=".insertion-map-",
-                                       suffix=".h5.tmp")
-            os.close(fd)
-            with h5py.File(tmp, "w") as f:
+            with atomic_path(self.path) as tmp, h5py.File(tmp, "w") as f:
                 f.attrs.update({"format": FORMAT, "version": VERSION, "seq_len": self.seq_len,
                                 "vocab_size": self.vocab_size, **self.attrs})
                 _dataset(f, "keys", keys[first] if keys.size else keys, np.int64)
@@ -195,14 +193,11 @@ class InsertionMapWriter:
                     out[-n:] = staged[idx]
                 del staged
                 f.attrs["sha256"] = checksum(f)
-            os.replace(tmp, self.path)
-            tmp = None
         finally:
             self._closed = True
             self._scratch_file.close()
-            for p in (self._scratch, tmp):
-                if p is not None and os.path.exists(p):
-                    os.remove(p)
+            if os.path.exists(self._scratch):
+                os.remove(self._scratch)
 
     def abort(self) -> None:
         """Drop everything; nothing is written."""
