@@ -46,7 +46,9 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "tiktoken", "h5py", "tqdm", "sympy", "safetensors", "pyyaml"],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers", "sortedcontainers", "matplotlib"],
+        "test": ["pytest", "hypothesis", "transformers", "sortedcontainers", "matplotlib", "tokenizers",
+                 "jinja2>=3.1.6"],
+        "hf": ["tokenizers", "jinja2>=3.1.6"],  # Hugging Face tokenizer folders and chat templates
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
     },

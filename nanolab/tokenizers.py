@@ -8,6 +8,12 @@ Both share one small interface, used by data.py, the sampler and the training sc
 
 A tokenizer is stored as a tiny JSON file beside checkpoints and token memmaps: {"kind": "char", "chars": "..."}
 or {"kind": "gpt2"} (the BPE files come from tiktoken's cache, see TIKTOKEN_CACHE_DIR).
+
+A Hugging Face tokenizer folder (tokenizer.json from the `tokenizers` library, tokenizer_config.json, ...) loads as
+nanolab.hf_tokenizer.HFTokenizer: load_tokenizer(folder) or load_tokenizer(folder / "tokenizer.json"). Its dict is
+{"kind": "hf", "files": [...], "sha256": ...}; the files themselves live in a folder (beside a checkpoint: see
+write_tokenizer_files), so rebuilding it takes that folder: tokenizer_from_dict(d, folder=...). When loading from a
+path, the folder defaults to the path's own folder.
 """
 from __future__ import annotations
 
@@ -184,11 +190,12 @@ class GPT2Tokenizer(_Tokenizer):
         return {"kind": "gpt2"}
 
 
-TOKENIZER_KINDS = ("char", "gpt2")
+TOKENIZER_KINDS = ("char", "gpt2", "hf")
 
 
-def tokenizer_from_dict(d: Mapping) -> CharTokenizer | GPT2Tokenizer:
-    """Rebuild a tokenizer from its to_dict() form."""
+def tokenizer_from_dict(d: Mapping, folder: str | os.PathLike | None = None) -> _Tokenizer:
+    """Rebuild a tokenizer from its to_dict() form. An "hf" dict names files that must be in `folder` (e.g. the
+    checkpoint folder they were saved into), with the sha256 it records."""
     if not isinstance(d, Mapping) or "kind" not in d:
         raise ValueError(f"tokenizer dict must be a mapping with a 'kind' key; got {d!r:.200}")
     kind = d["kind"]
@@ -198,12 +205,33 @@ def tokenizer_from_dict(d: Mapping) -> CharTokenizer | GPT2Tokenizer:
         return CharTokenizer(d["chars"])
     if kind == "gpt2":
         return GPT2Tokenizer()
+    if kind == "hf":
+        if folder is None:
+            raise UsageError("an 'hf' tokenizer dict only names its files; pass folder= (the folder holding "
+                             f"{', '.join(d.get('files') or ['tokenizer.json'])}, e.g. the checkpoint folder)")
+        from .hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_dir(folder, expect=d)
     raise ValueError(f"unknown tokenizer kind {kind!r}; known kinds: {', '.join(TOKENIZER_KINDS)}")
+
+
+def _hf_tokenizer_json(path: Path) -> bool:
+    """Whether `path` (a tokenizer.json) is a Hugging Face one rather than nanolab's {"kind": ...} file."""
+    if path.name != "tokenizer.json" or not path.is_file():
+        return False
+    from .hf_tokenizer import is_hf_tokenizer_json
+
+    try:
+        return is_hf_tokenizer_json(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        # A broken tokenizer.json in a folder that is otherwise a Hugging Face one: let the HF loader name the file.
+        return (path.parent / "tokenizer_config.json").is_file()
 
 
 def read_tokenizer_dict(path_or_dict: str | os.PathLike | Mapping) -> dict:
     """The tokenizer dict from a dict, a tokenizer JSON file, a data meta.json ({"tokenizer": {...}, ...}), or a
-    folder holding tokenizer.json or meta.json."""
+    folder holding tokenizer.json or meta.json. A Hugging Face tokenizer folder (or its tokenizer.json) gives
+    {"kind": "hf", "files", "sha256"} of its files."""
     if isinstance(path_or_dict, Mapping):
         d = path_or_dict
         return dict(d["tokenizer"] if "tokenizer" in d and "kind" not in d else d)
@@ -214,9 +242,17 @@ def read_tokenizer_dict(path_or_dict: str | os.PathLike | Mapping) -> dict:
                 path = path / name
                 break
         else:
+            if (path / "tokenizer_config.json").is_file():  # a Hugging Face folder without tokenizer.json
+                from .hf_tokenizer import read_tokenizer_files
+
+                read_tokenizer_files(path)  # raises, naming the missing file
             raise FileNotFoundError(f"{path}: folder has no tokenizer.json or meta.json")
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
+    if _hf_tokenizer_json(path):
+        from .hf_tokenizer import hf_tokenizer_dict
+
+        return hf_tokenizer_dict(path.parent)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -229,6 +265,27 @@ def read_tokenizer_dict(path_or_dict: str | os.PathLike | Mapping) -> dict:
     return d
 
 
-def load_tokenizer(path_or_dict: str | os.PathLike | Mapping) -> CharTokenizer | GPT2Tokenizer:
-    """Rebuild a tokenizer from anything read_tokenizer_dict accepts."""
-    return tokenizer_from_dict(read_tokenizer_dict(path_or_dict))
+def load_tokenizer(path_or_dict: str | os.PathLike | Mapping, folder: str | os.PathLike | None = None) -> _Tokenizer:
+    """Rebuild a tokenizer from anything read_tokenizer_dict accepts. folder: where an "hf" dict's files are
+    (default: the folder of the path given; required with a dict)."""
+    if folder is None and not isinstance(path_or_dict, Mapping):
+        path = Path(path_or_dict)
+        folder = path if path.is_dir() else path.parent
+    if not isinstance(path_or_dict, Mapping) and _hf_tokenizer_json(
+            Path(path_or_dict) / "tokenizer.json" if Path(path_or_dict).is_dir() else Path(path_or_dict)):
+        from .hf_tokenizer import HFTokenizer
+
+        return HFTokenizer.from_dir(folder)  # parse once (read_tokenizer_dict would hash the files first)
+    return tokenizer_from_dict(read_tokenizer_dict(path_or_dict), folder=folder)
+
+
+def write_tokenizer_files(tokenizer: Any, folder: str | os.PathLike) -> list[Path]:
+    """Write the files `folder` must hold for tokenizer_from_dict(tokenizer.to_dict(), folder=folder) to rebuild
+    `tokenizer`: an HFTokenizer's files (byte for byte, atomically); nothing for char/gpt2, whose dict says it all.
+    Returns the paths written."""
+    from .hf_tokenizer import HFTokenizer
+    from .hf_tokenizer import write_tokenizer_files as write_files
+
+    if isinstance(tokenizer, HFTokenizer):
+        return write_files(tokenizer.files, folder)
+    return []

@@ -156,3 +156,30 @@ def test_gpt2_offline_error_names_env_var(monkeypatch):
             GPT2Tokenizer()
     finally:
         T._gpt2_encoding.cache_clear()  # the failure is not cached, but be explicit
+
+
+# ----------------------------------------------------------------------------- Hugging Face folders (dispatch only)
+
+
+def test_hf_kind_dispatch(tmp_path):
+    """The "hf" kind names files in a folder; the dispatch needs no `tokenizers` (tests/test_hf_tokenizer.py covers
+    the tokenizer itself)."""
+    assert T.TOKENIZER_KINDS == ("char", "gpt2", "hf")
+    with pytest.raises(UsageError, match="pass folder="):
+        tokenizer_from_dict({"kind": "hf", "files": ["tokenizer.json"], "sha256": "0" * 64})
+    with pytest.raises(UsageError, match="pass folder="):
+        load_tokenizer({"tokenizer": {"kind": "hf", "files": ["tokenizer.json"], "sha256": "0" * 64}})
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    (hf / "tokenizer.model").write_bytes(b"spm")
+    with pytest.raises(UsageError, match=r"hf/tokenizer\.json: missing.*tokenizer\.model"):
+        load_tokenizer(hf)
+    with pytest.raises(UsageError, match=r"tokenizer\.json: missing"):
+        tokenizer_from_dict({"kind": "hf", "files": ["tokenizer.json"], "sha256": "0" * 64}, folder=hf)
+    # nanolab's own tokenizer.json beside a tokenizer_config.json is still nanolab's
+    tok = CharTokenizer("abc")
+    tok.save(hf / "tokenizer.json")
+    for back in (load_tokenizer(hf), load_tokenizer(hf / "tokenizer.json")):
+        assert isinstance(back, CharTokenizer) and back.chars == "abc"
+    assert T.write_tokenizer_files(tok, tmp_path / "ckpt") == [] and not (tmp_path / "ckpt").exists()
