@@ -159,11 +159,13 @@ def _portable(opt_state: dict[str, Any]) -> dict[str, Any]:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, tokenizer: Any = None) -> Path:
     """Write run_dir/step<N>/ (model.safetensors, optimizer.pt, state.json) crash-safely, point `latest` at it,
     and with keep_last=K delete the complete step folders of steps <= N but the K most recent (never the one just
     written).
     `state` must be JSON-serialisable; "step", "model_config" (if the model has a config) and "format" are added.
+    `tokenizer`: saved with the checkpoint (state["tokenizer"] = its to_dict(); a Hugging Face tokenizer's files
+    are copied into the folder byte for byte, so the checkpoint rebuilds it and export_hf writes it back).
     Returns the checkpoint folder."""
     from safetensors.torch import save_model
 
@@ -177,6 +179,11 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
     raw = unwrap_model(model)
     full_state = dict(state or {})
     full_state.update(format=FORMAT_VERSION, step=step)
+    if tokenizer is not None:
+        full_state["tokenizer"] = tokenizer.to_dict()
+    elif (full_state.get("tokenizer") or {}).get("kind") == "hf":
+        raise ValueError("save_checkpoint: state['tokenizer'] is a Hugging Face tokenizer's dict; pass the tokenizer "
+                         "itself (tokenizer=...) so its files are saved with the checkpoint")
     if hasattr(raw, "config") and hasattr(raw.config, "to_dict"):
         full_state["model_config"] = raw.config.to_dict()
     state_text = json.dumps(full_state, indent=1, allow_nan=False)  # fail before writing anything
@@ -193,6 +200,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
                 torch.save(_portable(optimizer.state_dict()), f)
                 f.flush()
                 os.fsync(f.fileno())
+        if tokenizer is not None:
+            from .tokenizers import write_tokenizer_files
+
+            write_tokenizer_files(tokenizer, tmp)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:  # written last: the folder's completion mark
             f.write(state_text)
             f.flush()
@@ -309,5 +320,5 @@ def load_model_for_inference(path: str | os.PathLike, device: str | torch.device
     model = build_model(state["model_config"])
     load_checkpoint(state["path"], model)
     model.to(device=device, dtype=dtype).eval()
-    tokenizer = load_tokenizer(state["tokenizer"]) if state.get("tokenizer") else None
+    tokenizer = load_tokenizer(state["tokenizer"], folder=state["path"]) if state.get("tokenizer") else None
     return model, tokenizer, state

@@ -12,6 +12,8 @@ y = data[i+1 : i+T+1] (next-token targets), both int64 of shape (B, T).
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
 import urllib.error
@@ -25,7 +27,7 @@ import torch
 
 from nanolab.errors import UsageError
 from nanolab.fileio import atomic_path, atomic_write
-from nanolab.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer
+from nanolab.tokenizers import CharTokenizer, GPT2Tokenizer, load_tokenizer, write_tokenizer_files
 
 REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 DATA_DIR = Path(os.environ.get("NANOLAB_DATA_DIR") or REPO_DATA_DIR)
@@ -153,27 +155,40 @@ def load_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.me
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def prepare_shakespeare(tokenizer_kind: str = "char", data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def prepare_shakespeare(tokenizer_kind: str | Any = "char", data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Tokenize tiny Shakespeare into tinyshakespeare/<kind>/{train,val}.bin + meta.json, unless already there.
 
     char: vocabulary = sorted set of the whole text (65 chars); the split is made on the text, so
           train/val = 1,003,854 / 111,540 tokens.
     gpt2: the 90% / 10% texts are BPE-encoded separately (encode_ordinary): 301,966 / 36,059 tokens.
+    a tokenizer object (e.g. a Hugging Face folder's, nanolab.tokenizers.load_tokenizer): the same split, encoded
+          without special tokens, in tinyshakespeare/<its kind>-<hash of its files>/ (its files copied there).
 
     Returns {"dir", "train", "val", "meta": Path, "tokenizer", "vocab_size", "dtype", "num_tokens": {split: n}}.
     Idempotent: when meta.json (written last) exists, only it is read. Safe to call from every DDP rank.
     """
-    if tokenizer_kind not in ("char", "gpt2"):
-        raise ValueError(f"tokenizer_kind must be 'char' or 'gpt2'; got {tokenizer_kind!r}")
+    given = None
+    if not isinstance(tokenizer_kind, str):
+        given = tokenizer_kind
+        d = given.to_dict()
+        digest = d.get("sha256") or hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        tokenizer_kind = f"{d.get('kind', 'tok')}-{digest[:12]}"
+    elif tokenizer_kind not in ("char", "gpt2"):
+        raise ValueError(f"tokenizer_kind must be 'char', 'gpt2' or a tokenizer; got {tokenizer_kind!r}")
     out = resolve_data_dir(data_dir) / "tinyshakespeare" / tokenizer_kind
     paths = {"train": out / "train.bin", "val": out / "val.bin", "meta": out / "meta.json"}
     if not all(p.is_file() for p in paths.values()):
         text = load_shakespeare(data_dir)
         train_text, val_text = split_train_val(text, 0.1)
-        tok = CharTokenizer.from_text(text) if tokenizer_kind == "char" else GPT2Tokenizer()
+        if given is not None:
+            tok = given
+            write_tokenizer_files(tok, out)
+        else:
+            tok = CharTokenizer.from_text(text) if tokenizer_kind == "char" else GPT2Tokenizer()
         counts = {}
         for split, part in (("train", train_text), ("val", val_text)):
-            ids = tok.encode_array(part)
+            ids = (tok.encode_array(part, add_special_tokens=False) if given is not None and
+                   "add_special_tokens" in inspect.signature(tok.encode_array).parameters else tok.encode_array(part))
             write_tokens(paths[split], ids, tok.vocab_size)
             counts[split] = int(ids.size)
         meta = {
@@ -186,7 +201,7 @@ def prepare_shakespeare(tokenizer_kind: str = "char", data_dir: str | os.PathLik
         }
         atomic_write(paths["meta"], json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     meta = json.loads(paths["meta"].read_text(encoding="utf-8"))
-    tok = load_tokenizer(meta)
+    tok = load_tokenizer(meta["tokenizer"], folder=out) if given is not None else load_tokenizer(meta)
     return {
         "dir": out,
         **paths,

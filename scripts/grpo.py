@@ -262,9 +262,9 @@ def train(args) -> int:
                         tracker.print(sample_text())
                 if save:
                     run.save(rd, env, step, raw_model, optimizer,
-                             {"args": vars(args), "tokenizer": tokenizer.to_dict(),
-                              "data": positions.state_dict() if positions is not None else None,
-                              "tokens_seen": tokens_seen, "summary": summary}, args.keep_last, tracker)
+                             {"args": vars(args), "data": positions.state_dict() if positions is not None else None,
+                              "tokens_seen": tokens_seen, "summary": summary}, args.keep_last, tracker,
+                             tokenizer=tokenizer)
             if at_end:
                 break
             lr = lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.iters)

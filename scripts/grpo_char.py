@@ -242,8 +242,9 @@ def train(args) -> int:
                     evaluate_char_task(raw_model, tokenizer, val_x, val_y, step, chars_seen, summary, rd, env, tracker, args)
                 if save:
                     run.save(rd, env, step, raw_model, optimizer,
-                             {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),
-                              "chars_seen": chars_seen, "summary": summary}, args.keep_last, tracker)
+                             {"args": vars(args), "data": positions.state_dict(),
+                              "chars_seen": chars_seen, "summary": summary}, args.keep_last, tracker,
+                             tokenizer=tokenizer)
             if at_end:
                 break
 

@@ -270,8 +270,9 @@ def train(args) -> int:
                         save_checkpoint(critic_dir, step, value, None, {"critic": args.critic,
                                                                         "critic_config": critic_cfg}, args.keep_last)
                     run.save(rd, env, step, policy, optimizer,
-                             {"args": vars(args), "tokenizer": tokenizer.to_dict(), "data": positions.state_dict(),
-                              "chars_seen": chars_seen, "summary": summary}, args.keep_last, tracker)
+                             {"args": vars(args), "data": positions.state_dict(),
+                              "chars_seen": chars_seen, "summary": summary}, args.keep_last, tracker,
+                             tokenizer=tokenizer)
             if at_end:
                 break
             lr = lr_at(step, args.learning_rate, args.min_lr, args.warmup_iters, args.iters)

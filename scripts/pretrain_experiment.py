@@ -236,7 +236,7 @@ def train(cfg: ExperimentConfig, env: run.Env, rd: run.RunDir, resume: bool, ove
                            "Try a lower training.lr")
 
     def save(s: int) -> Path:
-        path = run.save(rd, env, s, raw_model, optimizer, state_dict(), t.keep_last, tracker)
+        path = run.save(rd, env, s, raw_model, optimizer, state_dict(), t.keep_last, tracker, tokenizer=tok)
         dist.barrier()
         return path or run_dir / step_dir_name(s)
 

@@ -163,8 +163,8 @@ def train(args) -> int:
                     if save:
                         run.check_flag(bad, step, rd)
                         run.save(rd, env, step, raw_model, optimizer,
-                                 {"args": vars(args), "tokenizer": tokenizer.to_dict(),
-                                  "data": train_iter.state_dict(), "metrics": metrics}, args.keep_last, tracker)
+                                 {"args": vars(args), "data": train_iter.state_dict(), "metrics": metrics},
+                                 args.keep_last, tracker, tokenizer=tokenizer)
             if at_end:
                 break
 

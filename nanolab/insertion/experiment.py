@@ -78,7 +78,9 @@ class DataSection:
     path: str | None = None  # token .bin (nanolab.data.write_tokens format)
     shakespeare: Literal["char", "gpt2"] | None = None  # or: prepare tiny Shakespeare, train on its train split
     data_dir: str | None = None  # root for `shakespeare` (default $NANOLAB_DATA_DIR, else the repo's data/)
-    tokenizer: str | None = None  # tokenizer JSON / meta.json / folder, or "gpt2"; default: meta.json beside path
+    # tokenizer JSON / meta.json / HF tokenizer folder, or "gpt2"; default: the model's own (an HF folder's or a
+    # checkpoint's tokenizer files), else meta.json beside path
+    tokenizer: str | None = None
     seed: int = 0  # data order: epoch e is permuted with seed + e
 
     def __post_init__(self):
@@ -416,8 +418,15 @@ def resolve_data(cfg: ExperimentConfig) -> tuple[Path, Tokenizer]:
         path, tok = Path(d.path), None
         if not path.is_file():
             raise ExperimentError(f"data.path: token file not found: {path}")
+    model_tok = None  # the model's own tokenizer: an HF folder's files, or a nanolab checkpoint's
+    if cfg.model.hf is not None and (Path(cfg.model.hf) / "tokenizer.json").is_file():
+        model_tok = Path(cfg.model.hf)
+    elif cfg.model.checkpoint is not None and (Path(read_state(cfg.model.checkpoint)["path"]) / "tokenizer.json").is_file():
+        model_tok = Path(read_state(cfg.model.checkpoint)["path"])
     if d.tokenizer is not None:
         tok = load_tokenizer({"kind": "gpt2"} if d.tokenizer == "gpt2" else d.tokenizer)
+    elif model_tok is not None and tok is None:  # insertions are tokenized as the model tokenizes
+        tok = load_tokenizer(model_tok)
     elif tok is None:
         meta = path.parent / "meta.json"
         if not meta.is_file():
@@ -434,7 +443,7 @@ def init_model(cfg: ExperimentConfig) -> CausalLM:
     if m.hf is not None:
         from nanolab.hf import import_hf
 
-        return import_hf(m.hf, **m.overrides)
+        return import_hf(m.hf, dtype=torch.float32, **m.overrides)  # float32 weights to train, even from bf16
     state = read_state(m.checkpoint)
     model = build_model(config_from_dict({**state["model_config"], **m.overrides}))
     load_checkpoint(state["path"], model)
