@@ -257,8 +257,9 @@ def setup(device: str = "auto", dtype: str = "auto", deterministic: bool = False
     return Env(rank, local_rank, world_size, dev, dtype, autocast)
 
 
-def prepare_data(env: Env, dataset: str, data_dir: str | None) -> dict[str, Any]:
-    """nanolab.data.prepare_shakespeare on rank 0 first (it tokenizes once), then on the others (they read)."""
+def prepare_data(env: Env, dataset, data_dir: str | None) -> dict[str, Any]:
+    """nanolab.data.prepare_shakespeare on rank 0 first (it tokenizes once), then on the others (they read).
+    dataset: "char", "gpt2" or a tokenizer object."""
     from .data import prepare_shakespeare
 
     info = prepare_shakespeare(dataset, data_dir) if env.main else None
@@ -407,6 +408,24 @@ def check_tokenizer(state: dict[str, Any], tokenizer, what: str) -> None:
     if tokenizer is not None and state.get("tokenizer") and state["tokenizer"] != tokenizer.to_dict():
         raise UsageError(f"{what} {state['path']}: its tokenizer ({state['tokenizer'].get('kind', '?')}) is not "
                          f"this run's ({tokenizer.to_dict().get('kind', '?')})")
+
+
+def model_tokenizer(init_from: str):
+    """The tokenizer that comes with a model: a Hugging Face folder's tokenizer files, or the one saved in a
+    nanolab checkpoint / run folder."""
+    from .tokenizers import load_tokenizer
+
+    path = Path(init_from)
+    if (path / "tokenizer.json").is_file() and (path / "config.json").is_file():
+        return load_tokenizer(path)
+    try:
+        state = read_state(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"--init_from {path}: no tokenizer found: not a Hugging Face folder with tokenizer.json, "
+                         f"nor a nanolab checkpoint ({e})") from e
+    if not state.get("tokenizer"):
+        raise UsageError(f"--init_from {path}: the checkpoint's state.json records no tokenizer")
+    return load_tokenizer(state["tokenizer"], folder=state["path"])
 
 
 def check_vocab(model: CausalLM, tokenizer, exact: bool = False) -> None:

@@ -1,12 +1,12 @@
-"""Sample text from a trained nanolab checkpoint (or a transformers GPT-2 / OLMo-2 folder) with the KV-cache sampler.
+"""Sample text from a trained nanolab checkpoint (or a transformers folder) with the KV-cache sampler.
 
     python scripts/sample.py --ckpt out/shakespeare_char --prompt "ROMEO:" --max_new_tokens 300
     python scripts/sample.py --ckpt out/run/step001000 --num_samples 4 --temperature 0.8 --top_k 200 --seed 1
     python scripts/sample.py --hf path/to/gpt2 --prompt "Hello, I'm a language model," --top_p 0.9
 
 --ckpt (alias --init_from) takes a run folder (its `latest` checkpoint is used) or one step<N>/ folder; the
-tokenizer comes from the checkpoint's state.json (or --tokenizer). --hf reads a transformers folder
-(GPT2LMHeadModel / Olmo2ForCausalLM, through nanolab.hf.import_hf) and uses the GPT-2 BPE tokenizer.
+tokenizer comes from the checkpoint (or --tokenizer). --hf reads a transformers folder (GPT-2, OLMo-2, Llama,
+Qwen2, Mistral, through nanolab.hf.import_hf) and uses its tokenizer files, or GPT-2's BPE when it has none.
 With --num_samples 1 the text is streamed as it is generated. A prompt "FILE:path" is read from that file;
 an empty prompt starts from <|endoftext|> (GPT-2) or a newline (char models).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", "--init_from", dest="ckpt", metavar="PATH",
                      help="nanolab run folder (uses its latest checkpoint) or checkpoint folder step<N>/")
-    src.add_argument("--hf", metavar="PATH", help="transformers model folder (GPT-2 vocabulary), via import_hf")
+    src.add_argument("--hf", metavar="PATH", help="transformers model folder, via import_hf (GPT-2, OLMo-2, Llama, "
+                     "Qwen2, Mistral); its tokenizer files if it has them, else GPT-2's BPE")
     p.add_argument("--prompt", default="", help='text to continue; "FILE:path" reads it from a file (default: empty)')
     p.add_argument("--num_samples", type=int, default=1, help="independent samples of the prompt (default 1)")
     p.add_argument("--max_new_tokens", type=int, default=500,
@@ -71,7 +73,8 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
         from nanolab.hf import import_hf
 
         model = import_hf(args.hf, dtype=dtype).to(device).eval()
-        tokenizer = tokenizer or load_tokenizer({"kind": "gpt2"})
+        has_own = (Path(args.hf) / "tokenizer.json").is_file()
+        tokenizer = tokenizer or load_tokenizer(Path(args.hf) if has_own else {"kind": "gpt2"})
         what = f"transformers model {args.hf}"
     else:
         from nanolab.checkpoint import load_model_for_inference

@@ -45,7 +45,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="save every N steps (default: at each eval; the final step is always saved); 0: never save")
     a("--sample_len", type=int, default=200, help="tokens sampled at each eval (0: no sample)")
     a = p.add_argument_group("data").add_argument
-    a("--dataset", choices=["char", "gpt2"], default="char", help="tiny Shakespeare tokenized by characters or BPE")
+    a("--dataset", choices=["char", "gpt2", "model"], default="char",
+      help="tiny Shakespeare tokenized by characters, by GPT-2's BPE, or by --init_from's own tokenizer (model: a "
+           "Hugging Face folder's tokenizer files, or a nanolab checkpoint's)")
     a("--batch_size", type=int, default=12, help="sequences per micro-batch per rank")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step, per rank")
     run.add_model_args(p, FAMILIES)
@@ -71,6 +73,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     family = PRESETS[args.preset][0] if args.preset else args.model
     if family != "gpt2":
         run.ignored_with(p, args, ["bias", "activation"], f"an {family} model" if family[0] in "aeiou" else f"a {family} model")
+    if args.dataset == "model" and args.init_from == "scratch":
+        p.error("--dataset model tokenizes with --init_from's tokenizer: give --init_from a model folder")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.max_iters
     return args
@@ -83,7 +87,8 @@ def train(args) -> int:
                                              "model", "preset", "n_layer", "n_head", "n_embd", "vocab_size", "bias",
                                              "activation")}
     rd = run.open_run(args.out_dir, env, "train", args.resume, meaning, args)
-    info = run.prepare_data(env, args.dataset, args.data_dir)
+    info = run.prepare_data(env, run.model_tokenizer(args.init_from) if args.dataset == "model" else args.dataset,
+                            args.data_dir)
     tokenizer = info["tokenizer"]
     train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
 

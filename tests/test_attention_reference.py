@@ -4,7 +4,8 @@ and on the KV-cache decode path one token at a time; and position-shift invarian
 
 These catch bugs that leave the full and cached paths consistent with each other (so the decode tests pass):
 a missing rotation of MLA's shared rope key, MLA's softmax scale taken over the wrong dimension, a wrong or
-missing OLMo-2 QK-norm.
+missing OLMo-2 QK-norm, a softmax scale from n_embd / n_head instead of Llama's head_dim, a wrong Llama 3.1
+frequency remapping.
 """
 
 import math
@@ -25,8 +26,17 @@ CONFIGS = {
                 q_lora_rank=18, qk_nope_head_dim=10, qk_rope_head_dim=6, v_head_dim=14, rope_theta=100.0),
     "mla_full_q": dict(family="mla", vocab_size=V, block_size=16, n_layer=2, n_head=3, n_embd=36, kv_lora_rank=20,
                        qk_nope_head_dim=10, qk_rope_head_dim=6, v_head_dim=14, rope_theta=100.0),
+    # head_dim 12 != n_embd / n_head = 8, q/k/v and o biases (Llama's attention_bias), GQA 4:2
+    "llama": dict(family="llama", vocab_size=V, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                  head_dim=12, qkv_bias=True, o_bias=True, rope_theta=100.0),
+    # Llama 3.1 RoPE: with head_dim 8, theta 100, L = 32 the four wavelengths 6.3, 19.9, 62.8, 199 fall in all three
+    # regimes (kept < 8 <= interpolated <= 32 < divided by factor); one KV head (multi-query)
+    "llama3": dict(family="llama", vocab_size=V, block_size=16, n_layer=2, n_head=4, n_kv_head=1, n_embd=32,
+                   qkv_bias=True, rope_theta=100.0,
+                   rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 32}),
 }
-ROPE_KEYS = ["olmo2", "mla", "mla_full_q"]
+ROPE_KEYS = ["olmo2", "mla", "mla_full_q", "llama", "llama3"]
 T = 9
 
 
@@ -61,10 +71,29 @@ def rms(x, norm):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + norm.eps) * norm.weight.detach().double()
 
 
-def rope(x, pos, theta):
-    """x (B, H, T, d), pos (B, T): the pair (x_i, x_{i + d/2}) rotated by pos * theta^(-2i/d)."""
+def llama3_remap(inv, s):
+    """Meta's Llama 3.1 `apply_scaling`, one frequency at a time."""
+    L, low, high, factor = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    out = []
+    for f in inv.tolist():
+        w = 2 * math.pi / f
+        if w < L / high:
+            out.append(f)
+        elif w > L / low:
+            out.append(f / factor)
+        else:
+            smooth = (L / w - low) / (high - low)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def rope(x, pos, theta, scaling=None):
+    """x (B, H, T, d), pos (B, T): the pair (x_i, x_{i + d/2}) rotated by pos * theta^(-2i/d) (Llama 3.1-remapped
+    when `scaling` is given)."""
     d = x.shape[-1]
     inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    if scaling is not None:
+        inv = llama3_remap(inv, scaling)
     ang = pos.double()[:, None, :, None] * inv  # (B, 1, T, d/2)
     c, s = ang.cos(), ang.sin()
     a, b = x[..., : d // 2], x[..., d // 2:]
@@ -128,7 +157,18 @@ def ref_mla(attn, cfg, x, pos):
     return lin(merge(y), attn.o_proj)
 
 
-REFERENCE = {"gpt2": ref_gpt2, "olmo2": ref_olmo2, "mla": ref_mla}
+def ref_llama(attn, cfg, x, pos):
+    H, Hkv, scaling = cfg["n_head"], cfg["n_kv_head"], cfg["rope_scaling"]
+    hd = cfg["head_dim"]
+    q, k, v = heads(lin(x, attn.q_proj), H), heads(lin(x, attn.k_proj), Hkv), heads(lin(x, attn.v_proj), Hkv)
+    assert q.shape[-1] == hd
+    q, k = rope(q, pos, cfg["rope_theta"], scaling), rope(k, pos, cfg["rope_theta"], scaling)
+    rep = H // Hkv  # query head h reads kv head h // rep
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return lin(merge(softmax_attend(q, k, v, hd ** -0.5)), attn.o_proj)
+
+
+REFERENCE = {"gpt2": ref_gpt2, "olmo2": ref_olmo2, "mla": ref_mla, "llama": ref_llama}
 
 
 def run_with_hooks(model, fn):
@@ -169,7 +209,8 @@ def test_attention_full_forward_matches_float64_reference(key):
 
 
 @pytest.mark.parametrize("key,absorb", [("gpt2", None), ("olmo2", None), ("mla", True), ("mla", False),
-                                        ("mla_full_q", True), ("mla_full_q", False)])
+                                        ("mla_full_q", True), ("mla_full_q", False), ("llama", None),
+                                        ("llama3", None)])
 @torch.no_grad()
 def test_attention_cached_decode_matches_float64_reference(key, absorb):
     """One token at a time from an empty cache: the concatenated per-step outputs are the causal attention."""

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from nanolab.errors import UsageError
 from nanolab.hf import export_hf, import_hf
 from nanolab.models import build_model, config_from_dict, preset
 
@@ -148,8 +149,13 @@ def _edit_config(folder, **kw):
 
 
 def test_unsupported_architecture(gpt2_folder):
-    _edit_config(gpt2_folder, architectures=["LlamaForCausalLM"], model_type="llama")
-    with pytest.raises(ValueError, match=r"LlamaForCausalLM.*supported: GPT2LMHeadModel, Olmo2ForCausalLM"):
+    _edit_config(gpt2_folder, architectures=["GemmaForCausalLM"], model_type="gemma")
+    with pytest.raises(UsageError, match=r"config\.json: unsupported architecture GemmaForCausalLM; supported: "
+                                         r"GPT2LMHeadModel, Olmo2ForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM, "
+                                         r"MistralForCausalLM"):
+        import_hf(gpt2_folder)
+    _edit_config(gpt2_folder, architectures=["GPT2LMHeadModel"], model_type="llama")
+    with pytest.raises(UsageError, match=r"config\.json: model_type='llama' contradicts architectures"):
         import_hf(gpt2_folder)
 
 
@@ -157,35 +163,38 @@ def test_unsupported_architecture(gpt2_folder):
                                              ("n_inner", 100, "n_inner")])
 def test_unsupported_gpt2_config(gpt2_folder, key, value, match):
     _edit_config(gpt2_folder, **{key: value})
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UsageError, match=match):
         import_hf(gpt2_folder)
 
 
 def test_unsupported_olmo2_rope_scaling(tmp_path):
     export_hf(build_model(preset("olmo2-char-tiny", n_layer=1, n_embd=32, n_head=2, block_size=8)), tmp_path)
     _edit_config(tmp_path, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
-    with pytest.raises(ValueError, match="rope_parameters"):
+    with pytest.raises(UsageError, match="rope_parameters"):
         import_hf(tmp_path)
     _edit_config(tmp_path, rope_parameters=None, rope_scaling={"type": "linear", "factor": 2.0})
-    with pytest.raises(ValueError, match="rope_scaling"):
+    with pytest.raises(UsageError, match="rope_scaling"):
         import_hf(tmp_path)
 
 
 def test_truncated_safetensors(gpt2_folder):
     f = gpt2_folder / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"model\.safetensors"):
+    with pytest.raises(UsageError, match=r"model\.safetensors"):
         import_hf(gpt2_folder)
     f.write_bytes(b"\x01")  # not even a header length
-    with pytest.raises(ValueError, match=r"model\.safetensors"):
+    with pytest.raises(UsageError, match=r"model\.safetensors"):
         import_hf(gpt2_folder)
 
 
 def test_missing_files(gpt2_folder, tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(UsageError, match=r"nowhere is not a folder.*config\.json"):
         import_hf(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"empty has no config\.json"):
+        import_hf(tmp_path / "empty")
     (gpt2_folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=r"no weights in .*hf.*model\.safetensors"):
+    with pytest.raises(UsageError, match=r"no weights in .*hf.*model\.safetensors"):
         import_hf(gpt2_folder)
 
 
@@ -196,13 +205,13 @@ def test_missing_and_unexpected_tensors(gpt2_folder):
     sd = load_file(f)
     sd["transformer.h.0.attn.extra.weight"] = sd.pop("transformer.h.0.ln_2.weight")
     save_file(sd, f, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"missing \['transformer\.h\.0\.ln_2\.weight'\], "
+    with pytest.raises(UsageError, match=r"missing \['transformer\.h\.0\.ln_2\.weight'\], "
                                          r"unexpected \['transformer\.h\.0\.attn\.extra\.weight'\]"):
         import_hf(gpt2_folder)
     _edit_config(gpt2_folder, n_embd=64, n_head=2)  # right names, wrong shapes
     sd["transformer.h.0.ln_2.weight"] = sd.pop("transformer.h.0.attn.extra.weight")
     save_file(sd, f, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"transformer\.wte\.weight .* shape"):
+    with pytest.raises(UsageError, match=r"transformer\.wte\.weight .* shape"):
         import_hf(gpt2_folder)
 
 

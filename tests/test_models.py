@@ -179,7 +179,7 @@ def test_param_and_flop_counts():
     (dict(family="gpt2", n_layer=0), "n_layer must be a positive integer"),
     (dict(family="gpt2", dropout=1.5), "dropout"),
     (dict(family="gpt2", activation="relu"), r"activation must be one of \['gelu', 'gelu_tanh'\], got 'relu'"),
-    (dict(family="llama"), "unknown model family 'llama'"),
+    (dict(family="mamba"), "unknown model family 'mamba'"),
 ])
 def test_bad_config(fields, match):
     with pytest.raises(ValueError, match=match):

@@ -1,7 +1,7 @@
 """Model families and presets.
 
     cfg = preset("gpt2-char-tiny", vocab_size=65)   # a config dataclass, overrides applied and validated
-    model = build_model(cfg)                           # GPT2 | MLAGPT | OLMo2
+    model = build_model(cfg)                           # GPT2 | MLAGPT | OLMo2 | Llama
     logits, loss = model(idx, targets)
 """
 
@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from .base import CausalLM, KVCache
 from .gpt2 import GPT2, GPT2Config
+from .llama import Llama, LlamaConfig
 from .mla import MLAGPT, MLAConfig
 from .olmo2 import OLMo2, OLMo2Config
 
-FAMILIES = {"gpt2": (GPT2Config, GPT2), "mla": (MLAConfig, MLAGPT), "olmo2": (OLMo2Config, OLMo2)}
-ModelConfig = GPT2Config | MLAConfig | OLMo2Config
+FAMILIES = {"gpt2": (GPT2Config, GPT2), "mla": (MLAConfig, MLAGPT), "olmo2": (OLMo2Config, OLMo2),
+            "llama": (LlamaConfig, Llama)}
+ModelConfig = GPT2Config | MLAConfig | OLMo2Config | LlamaConfig
+
+# Llama 3.2's RoPE remapping (meta-llama/Llama-3.2-1B config.json, rope_scaling)
+_LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
 
 # name -> (family, fields). Char presets default to tiny-Shakespeare's 65 characters.
 PRESETS: dict[str, tuple[str, dict]] = {
@@ -38,6 +44,20 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "mla-124m": ("mla", dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768,
                              kv_lora_rank=256, q_lora_rank=384, qk_nope_head_dim=64, qk_rope_head_dim=32,
                              v_head_dim=64)),
+    "llama-char-tiny": ("llama", dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128,
+                                      rope_theta=10000.0)),
+    # The shapes of published checkpoints, from their config.json on the Hugging Face Hub (weights come through
+    # nanolab.hf.import_hf): HuggingFaceTB/SmolLM2-135M, Qwen/Qwen2.5-0.5B, meta-llama/Llama-3.2-1B.
+    # block_size is max_position_embeddings. Parameter counts: 134,515,008 / 494,032,768 / 1,235,814,400.
+    "smollm2-135m": ("llama", dict(vocab_size=49152, block_size=8192, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                                   intermediate_size=1536, rope_theta=100000.0, rms_norm_eps=1e-5,
+                                   tie_embeddings=True)),
+    "qwen2.5-0.5b": ("llama", dict(vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_kv_head=2,
+                                   n_embd=896, intermediate_size=4864, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                   qkv_bias=True, tie_embeddings=True, hf_architecture="Qwen2ForCausalLM")),
+    "llama3.2-1b": ("llama", dict(vocab_size=128256, block_size=131072, n_layer=16, n_head=32, n_kv_head=8,
+                                  n_embd=2048, intermediate_size=8192, rope_theta=500000.0,
+                                  rope_scaling=_LLAMA32_ROPE, rms_norm_eps=1e-5, tie_embeddings=True)),
 }
 
 
@@ -67,5 +87,5 @@ def build_model(config: ModelConfig | dict) -> CausalLM:
     raise TypeError(f"not a model config: {type(config).__name__}")
 
 
-__all__ = ["FAMILIES", "PRESETS", "CausalLM", "GPT2", "GPT2Config", "KVCache", "MLAConfig", "MLAGPT", "OLMo2",
-           "OLMo2Config", "build_model", "config_from_dict", "preset"]
+__all__ = ["FAMILIES", "PRESETS", "CausalLM", "GPT2", "GPT2Config", "KVCache", "Llama", "LlamaConfig", "MLAConfig",
+           "MLAGPT", "OLMo2", "OLMo2Config", "build_model", "config_from_dict", "preset"]

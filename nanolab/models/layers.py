@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,3 +95,49 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_positions: int) -> torch.Tensor:
+    """Llama 3.1's RoPE frequency remapping (Meta's `apply_scaling`; transformers' rope_type "llama3").
+
+    For each inverse frequency f (wavelength w = 2 pi / f) and L = original_max_positions:
+
+        w < L / high_freq_factor    ->  f                                   (high frequencies kept)
+        w > L / low_freq_factor     ->  f / factor                          (low frequencies interpolated)
+        otherwise                   ->  (1 - s) f / factor + s f,   s = (L / w - low_freq_factor)
+                                                                         / (high_freq_factor - low_freq_factor)
+
+    The two branches meet continuously at both wavelength bounds (s = 0 and s = 1 there).
+    inv_freq: (d/2,) any float dtype; returns the remapped (d/2,) in the same dtype.
+    """
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    medium = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    low = torch.where(wavelen > original_max_positions / low_freq_factor, inv_freq / factor, medium)
+    return torch.where(wavelen < original_max_positions / high_freq_factor, inv_freq, low)
+
+
+class Llama3Rotary(Rotary):
+    """`Rotary` with Llama 3.1's frequency remapping (`llama3_inv_freq`) applied to theta^(-2i/d).
+
+    Same table layout and `cos_sin` as `Rotary` (float32, (B, 1, T, d)); the remapping is done in float64.
+    """
+
+    def __init__(self, dim: int, max_positions: int, theta: float, factor: float, low_freq_factor: float,
+                 high_freq_factor: float, original_max_positions: int):
+        # set before Rotary.__init__, which builds the table through _table
+        self.scaling = (float(factor), float(low_freq_factor), float(high_freq_factor), int(original_max_positions))
+        super().__init__(dim, max_positions, theta)
+
+    def inv_freq(self) -> torch.Tensor:
+        """The remapped inverse frequencies, (d/2,) float64 on the CPU."""
+        base = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float64, device="cpu") / self.dim))
+        return llama3_inv_freq(base, *self.scaling)
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # the same values as Rotary's table; cos/sin taken over the d/2 distinct angles, then duplicated in float32
+        # (half the transient memory: a 131072-position table is built at every Llama-3.2 import)
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float64, device="cpu"), self.inv_freq())
+        cos, sin = freqs.cos().float(), freqs.sin().float()
+        return torch.cat([cos, cos], dim=-1).to(device), torch.cat([sin, sin], dim=-1).to(device)
