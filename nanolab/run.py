@@ -411,13 +411,13 @@ def check_tokenizer(state: dict[str, Any], tokenizer, what: str) -> None:
 
 
 def model_tokenizer(init_from: str):
-    """The tokenizer that comes with a model: a Hugging Face folder's tokenizer files, or the one saved in a
-    nanolab checkpoint / run folder."""
+    """The tokenizer that comes with a model: a Hugging Face folder's tokenizer files (GPT-2's BPE for a folder
+    without them), or the one saved in a nanolab checkpoint / run folder."""
     from .tokenizers import load_tokenizer
 
     path = Path(init_from)
-    if (path / "tokenizer.json").is_file() and (path / "config.json").is_file():
-        return load_tokenizer(path)
+    if (path / "config.json").is_file():  # a Hugging Face folder: its own files, else GPT-2's BPE (GPT-2 folders)
+        return load_tokenizer(path if (path / "tokenizer.json").is_file() else {"kind": "gpt2"})
     try:
         state = read_state(path)
     except (FileNotFoundError, ValueError) as e:

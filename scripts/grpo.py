@@ -151,12 +151,15 @@ def train(args) -> int:
     reward_fn = load_reward_fn(args.reward_fn) if args.task == "reward_fn" else None
 
     # --- prompts: windows of the BPE training text, or fixed strings ---
-    tokenizer = GPT2Tokenizer()
+    # GPT-2's BPE, or the tokenizer that comes with --init_from (an HF folder's files, a checkpoint's)
+    tokenizer = GPT2Tokenizer() if args.init_from == "scratch" else run.model_tokenizer(args.init_from)
+    bpe = isinstance(tokenizer, GPT2Tokenizer)
     train_data = val_data = None
     if not args.prompt_text:
-        info = run.prepare_data(env, "gpt2", args.data_dir)
+        info = run.prepare_data(env, "gpt2" if bpe else tokenizer, args.data_dir)
         train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
-    fixed_prompts = [tokenizer.encode(t, allowed_special={EOT_TEXT}) for t in args.prompt_text or []]
+    fixed_prompts = [tokenizer.encode(t, allowed_special={EOT_TEXT}) if bpe else tokenizer.encode(t)
+                     for t in args.prompt_text or []]
     if any(len(p) == 0 for p in fixed_prompts):
         raise run.UsageError("--prompt_text: an empty prompt; every prompt needs at least one token")
 

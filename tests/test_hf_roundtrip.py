@@ -80,3 +80,22 @@ def test_import_train_export_roundtrip(data_dir, tmp_path, monkeypatch, one_thre
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Romeo?"}]
     assert apply_chat_template(tok, chat, add_generation_prompt=True) == their_tok.apply_chat_template(
         chat, add_generation_prompt=True, tokenize=False)
+
+
+def test_grpo_on_a_folder_uses_its_tokenizer(data_dir, tmp_path, monkeypatch, one_thread):
+    """grpo.py --init_from a Llama folder: prompts and targets are tokenized with the folder's BPE (its vocabulary
+    of ~300 ids; GPT-2's would not fit the model), and the run writes its metrics."""
+    monkeypatch.setenv("NANOLAB_DATA_DIR", str(data_dir))
+    text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    src = hf_llama_folder(tmp_path / "src", text)
+    spec = importlib.util.spec_from_file_location("nanolab_grpo_roundtrip", REPO / "scripts" / "grpo.py")
+    grpo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grpo)
+    out = tmp_path / "grpo"
+    assert grpo.main(["--init_from", str(src), "--task", "continuation", "--prompt_len", "8", "--max_new_tokens", "4",
+                      "--batch_size", "2", "--group_size", "2", "--val_windows", "2", "--iters", "2",
+                      "--log_interval", "1", "--out_dir", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2]
+    ce = [r["val_ce"] for r in rows if "val_ce" in r]
+    assert len(ce) == 2 and all(4.0 < c < 7.0 for c in ce)  # ~ln(300) for a random model over the folder's BPE
