@@ -50,13 +50,26 @@ def hf_llama_folder(folder: Path, text: str) -> Path:
     return folder
 
 
-def test_import_train_export_roundtrip(data_dir, tmp_path, monkeypatch, one_thread):
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"nanolab_{name}_roundtrip", REPO / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def text(data_dir) -> str:
+    return (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def src(text, tmp_path_factory) -> Path:
+    return hf_llama_folder(tmp_path_factory.mktemp("hf") / "src", text)
+
+
+def test_import_train_export_roundtrip(data_dir, text, src, tmp_path, monkeypatch, one_thread):
     monkeypatch.setenv("NANOLAB_DATA_DIR", str(data_dir))
-    text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    src = hf_llama_folder(tmp_path / "src", text)
-    spec = importlib.util.spec_from_file_location("nanolab_train_roundtrip", REPO / "scripts" / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = script("train")
     out = tmp_path / "run"
     assert train.main(["--init_from", str(src), "--dataset", "model", "--max_iters", "20", "--batch_size", "4",
                        "--block_size", "32", "--eval_interval", "10", "--eval_iters", "1", "--sample_len", "8",
@@ -82,15 +95,11 @@ def test_import_train_export_roundtrip(data_dir, tmp_path, monkeypatch, one_thre
         chat, add_generation_prompt=True, tokenize=False)
 
 
-def test_grpo_on_a_folder_uses_its_tokenizer(data_dir, tmp_path, monkeypatch, one_thread):
+def test_grpo_on_a_folder_uses_its_tokenizer(data_dir, src, tmp_path, monkeypatch, one_thread):
     """grpo.py --init_from a Llama folder: prompts and targets are tokenized with the folder's BPE (its vocabulary
     of ~300 ids; GPT-2's would not fit the model), and the run writes its metrics."""
     monkeypatch.setenv("NANOLAB_DATA_DIR", str(data_dir))
-    text = (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
-    src = hf_llama_folder(tmp_path / "src", text)
-    spec = importlib.util.spec_from_file_location("nanolab_grpo_roundtrip", REPO / "scripts" / "grpo.py")
-    grpo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grpo)
+    grpo = script("grpo")
     out = tmp_path / "grpo"
     assert grpo.main(["--init_from", str(src), "--task", "continuation", "--prompt_len", "8", "--max_new_tokens", "4",
                       "--batch_size", "2", "--group_size", "2", "--val_windows", "2", "--iters", "2",
