@@ -1,4 +1,4 @@
-"""Loss functions for LM post-training: token log-probs, KL estimators, GRPO, PPO, DPO-family, KTO, ORPO.
+"""Loss functions for LM post-training: token log-probs, KL estimators, GRPO, PPO, DPO-family, SimPO, KTO, ORPO.
 
 Pure tensor functions (torch + math only). Conventions used throughout:
   B = batch (sequences), T = sequence length, V = vocabulary.
@@ -359,8 +359,63 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x < c, torch.log1p(-torch.exp(x.clamp(max=c))), torch.log(-torch.expm1(x.clamp(min=c))))
 
 
+# Conventions of the preference losses (dpo_loss, simpo_loss, kto_loss, orpo_loss):
+#   * inputs are per-sequence log-probs of the completion, (B,) (KTO: one (B,) tensor per group);
+#   * they return (per-example losses, chosen rewards, rejected rewards), rewards detached; reduce the losses
+#     with .mean() and log preference_stats(chosen_rewards, rejected_rewards);
+#   * length normalisation: dpo_loss takes *summed* log-probs and averages them itself when given
+#     chosen_lengths / rejected_lengths (or is told averaged=True); IPO refuses to run without one of the two.
+#     simpo_loss and orpo_loss are defined on per-token *averaged* log-probs: pass averages, or sums together
+#     with the lengths.
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                  "apo_zero", "apo_down")
+_USES_LABEL_SMOOTHING = ("sigmoid", "robust", "exo_pair")
+EXO_DEFAULT_EPS = 1e-3  # exo_pair needs eps > 0 (log eps); label_smoothing=0 means this value
+
+
 def _per_token(logps: Tensor, lengths: Tensor | None) -> Tensor:
     return logps if lengths is None else logps / lengths.to(logps.dtype)
+
+
+def _check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def _check_pair_inputs(chosen: Tensor, chosen_name: str, chosen_lengths: Tensor | None,
+                       rejected_lengths: Tensor | None, averaged: bool, **same_shape: Tensor | None) -> None:
+    if chosen.dim() != 1:
+        raise ValueError(f"{chosen_name} must be (B,), got shape {tuple(chosen.shape)}")
+    _check_shape(tuple(chosen.shape), **same_shape, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("pass both chosen_lengths and rejected_lengths, or neither")
+    if averaged and chosen_lengths is not None:
+        raise ValueError("averaged=True says the log-probs are already per-token means: do not also pass "
+                         "chosen_lengths / rejected_lengths")
+
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
+
+def preference_stats(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, Tensor]:
+    """The standard logging stats of a preference loss from its (detached) implicit rewards.
+
+    Paired (both (B,)): rewards/chosen = mean(r_c), rewards/rejected = mean(r_r), rewards/margins = mean(r_c - r_r),
+    rewards/accuracies = mean(1[r_c > r_r]). Unpaired (KTO, shapes differ): the first three with
+    margins = mean(r_c) - mean(r_r), no accuracies. An empty group gives nan. Detached 0-d tensors, no host sync.
+    """
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    stats = {"rewards/chosen": c.mean(), "rewards/rejected": r.mean()}
+    if c.shape == r.shape:
+        stats["rewards/margins"] = (c - r).mean()
+        stats["rewards/accuracies"] = (c > r).to(c.dtype).mean()
+    else:
+        stats["rewards/margins"] = stats["rewards/chosen"] - stats["rewards/rejected"]
+    return stats
 
 
 def dpo_loss(
@@ -373,25 +428,59 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
+    *,
+    averaged: bool = False,
+    bco_delta: float | Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """DPO-family losses on sequence log-probs, all (B,). Returns (per-example losses, chosen, rejected rewards).
+    """DPO-family losses on per-sequence log-probs of the policy and the reference, all (B,).
 
-    h = (pi_c - ref_c) - (pi_r - ref_r), eps = label_smoothing:
-        "sigmoid": -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)        (conservative DPO)
-        "robust":  ((1 - eps)(-log sigmoid(beta h)) - eps(-log sigmoid(-beta h))) / (1 - 2 eps)  (Chowdhury 2024)
-        "hinge":   relu(1 - beta h)
-        "ipo":     (h - 1 / (2 beta))^2, on per-token-averaged log-probs
-    If chosen_lengths / rejected_lengths (token counts, (B,)) are given, every log-prob is first divided by
-    them; IPO expects that (or inputs that are already per-token averages). Implicit rewards beta (pi - ref),
-    detached, use the same (possibly averaged) log-probs.
+    Returns (per-example losses (B,), chosen rewards beta a (B,), rejected rewards beta b (B,)), rewards detached,
+    where (names as in TRL's DPOTrainer loss_type)
+        a = pi_c - ref_c,  b = pi_r - ref_r   (log-ratios of chosen / rejected),   h = a - b,   eps = label_smoothing
+        "sigmoid":   -(1 - eps) log sig(beta h) - eps log sig(-beta h)
+                     DPO (Rafailov et al. 2023, eq. 7); eps > 0 is conservative DPO (cDPO, Mitchell 2023)
+        "robust":    ((1 - eps)(-log sig(beta h)) - eps(-log sig(-beta h))) / (1 - 2 eps)
+                     rDPO, unbiased under label-flip rate eps (Chowdhury et al. 2024, eq. 8)
+        "hinge":     relu(1 - beta h)                              SLiC-HF hinge (Zhao et al. 2023)
+        "ipo":       (h - 1 / (2 beta))^2, on per-token-averaged log-probs  IPO (Azar et al. 2023, eq. 17)
+        "exo_pair":  sig(beta h)(log sig(beta h) - log(1 - eps)) + sig(-beta h)(log sig(-beta h) - log eps)
+                     pairwise EXO, KL(p_theta || p_target) with target (1 - eps, eps) (Ji et al. 2024);
+                     label_smoothing = 0 means eps = EXO_DEFAULT_EPS = 1e-3 (as TRL)
+        "nca_pair":  -log sig(beta a) - 1/2 log sig(-beta a) - 1/2 log sig(-beta b)   NCA (Chen et al. 2024)
+        "bco_pair":  -log sig(beta a - delta) - log sig(-(beta b - delta))            BCO (Jung et al. 2024)
+                     delta = bco_delta: the running mean of the rewards beta a, beta b (both) over the batches seen
+                     so far, kept by the caller (TRL updates it with this batch's mean before the loss); detached
+        "sppo_hard": (a - 1 / (2 beta))^2 + (b + 1 / (2 beta))^2   SPPO, hard labels (Wu et al. 2024; eta = 1/beta)
+        "apo_zero":  (1 - sig(beta a)) + sig(beta b)               APO-zero (D'Oosterlinck et al. 2024)
+        "apo_down":  sig(beta a) + (1 - sig(beta h))               APO-down (D'Oosterlinck et al. 2024)
+    (sig = sigmoid.) label_smoothing is used by sigmoid, robust and exo_pair only; any other loss_type with
+    label_smoothing != 0 is an error, so is bco_delta with a loss_type other than bco_pair (and bco_pair without it).
+
+    Length normalisation: the inputs are summed log-probs. With chosen_lengths / rejected_lengths (token counts,
+    (B,), > 0) every log-prob is first divided by its length; averaged=True declares the inputs to be per-token
+    means already. IPO is defined on averages and raises unless one of the two is given. The rewards use the same
+    (possibly averaged) log-probs. Use preference_stats(chosen, rejected) for rewards/margins/accuracies.
     """
-    _check_shape(tuple(policy_chosen.shape), policy_rejected=policy_rejected, ref_chosen=ref_chosen,
-                 ref_rejected=ref_rejected, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    _check_pair_inputs(policy_chosen, "policy_chosen", chosen_lengths, rejected_lengths, averaged,
+                       policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
+    _check_positive(beta=beta)
+    _check_label_smoothing(label_smoothing)
+    if label_smoothing != 0.0 and loss_type not in _USES_LABEL_SMOOTHING:
+        raise ValueError(f"label_smoothing={label_smoothing} is not used by loss_type {loss_type!r} "
+                         f"(only by {', '.join(_USES_LABEL_SMOOTHING)})")
+    if (bco_delta is None) == (loss_type == "bco_pair"):
+        raise ValueError("loss_type 'bco_pair' needs bco_delta (the running reward mean)" if bco_delta is None
+                         else f"bco_delta is only used by loss_type 'bco_pair', not {loss_type!r}")
+    if loss_type == "ipo" and chosen_lengths is None and not averaged:
+        raise ValueError("loss_type 'ipo' is defined on per-token-averaged log-probs: pass chosen_lengths and "
+                         "rejected_lengths, or averaged=True if the inputs are already averages")
+
     pc, rc = _per_token(_float(policy_chosen), chosen_lengths), _per_token(_float(ref_chosen), chosen_lengths)
     pr, rr = _per_token(_float(policy_rejected), rejected_lengths), _per_token(_float(ref_rejected), rejected_lengths)
-    h = (pc - rc) - (pr - rr)
+    a, b = pc - rc, pr - rr
+    h = a - b
     eps = label_smoothing
     if loss_type == "sigmoid":
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
@@ -401,9 +490,53 @@ def dpo_loss(
         losses = torch.relu(1 - beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
-    else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected sigmoid, robust, hinge or ipo")
-    return losses, (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+    elif loss_type == "exo_pair":
+        e = eps if eps > 0 else EXO_DEFAULT_EPS
+        z = beta * h
+        losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-e))
+                  + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(e)))
+    elif loss_type == "nca_pair":
+        losses = -F.logsigmoid(beta * a) - 0.5 * F.logsigmoid(-beta * a) - 0.5 * F.logsigmoid(-beta * b)
+    elif loss_type == "bco_pair":
+        delta = bco_delta.detach().to(a.dtype) if isinstance(bco_delta, Tensor) else bco_delta
+        losses = -F.logsigmoid(beta * a - delta) - F.logsigmoid(-(beta * b - delta))
+    elif loss_type == "sppo_hard":
+        losses = (a - 1 / (2 * beta)) ** 2 + (b + 1 / (2 * beta)) ** 2
+    elif loss_type == "apo_zero":
+        losses = (1 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * b)
+    else:  # apo_down
+        losses = torch.sigmoid(beta * a) + (1 - torch.sigmoid(beta * h))
+    return losses, (beta * a).detach(), (beta * b).detach()
+
+
+def simpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6), reference-free, on length-normalised policy log-probs, (B,) each.
+
+        l_c = log pi(y_w | x) / |y_w|,  l_r = log pi(y_l | x) / |y_l|,   z = beta (l_c - l_r) - gamma
+        loss = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)            eps = label_smoothing (0 in the paper)
+    Inputs are per-token averages, or summed log-probs together with chosen_lengths / rejected_lengths (token
+    counts, (B,)) to average them here. Defaults beta = 2.0, gamma = 1.0 (gamma / beta = 0.5) are the paper's
+    Llama-3-Base setting (its tuned values span beta in [2, 2.5], gamma in [0.3, 1.6]); TRL's CPOTrainer
+    (loss_type="simpo") defaults to beta = 0.1, simpo_gamma = 0.5 instead. gamma may be any real (0 gives length-normalised DPO without ref).
+    Returns (per-example losses, chosen rewards beta l_c, rejected rewards beta l_r), rewards detached.
+    """
+    _check_pair_inputs(chosen_logps, "chosen_logps", chosen_lengths, rejected_lengths, False,
+                       rejected_logps=rejected_logps)
+    _check_positive(beta=beta)
+    _check_label_smoothing(label_smoothing)
+    lc, lr = _per_token(_float(chosen_logps), chosen_lengths), _per_token(_float(rejected_logps), rejected_lengths)
+    z = beta * (lc - lr) - gamma
+    eps = label_smoothing
+    losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    return losses, (beta * lc).detach(), (beta * lr).detach()
 
 
 def kto_loss(
@@ -411,26 +544,41 @@ def kto_loss(
     ref_chosen: Tensor,
     policy_rejected: Tensor,
     ref_rejected: Tensor,
-    policy_kl: Tensor,
-    ref_kl: Tensor,
+    policy_kl: Tensor | None = None,
+    ref_kl: Tensor | None = None,
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """KTO (Ethayarajh et al. 2024) on unpaired sequence log-probs: desirable (Bc,), undesirable (Br,).
+    """KTO (Ethayarajh et al. 2024, eq. 7-8) on unpaired sequence log-probs: desirable (Bc,), undesirable (Br,).
 
-    z0 = max(0, mean(policy_kl - ref_kl)), detached: the batch KL baseline from log-probs of mismatched
-    (prompt, completion) pairs, (Bk,). Under DDP all-gather policy_kl/ref_kl first so z0 is global.
-    With r = pi - ref:
+    The reference point z0 = max(0, mean(policy_kl - ref_kl)), detached, estimates KL(pi || ref) from the
+    summed log-probs of mismatched (prompt, completion) pairs of the batch (e.g. completion i with prompt i+1),
+    policy_kl, ref_kl (Bk,). Under DDP all-gather policy_kl / ref_kl first so z0 is global. Passing neither
+    sets z0 = 0 (TRL's KTO without the KL estimate).
+    With r = pi - ref, lambda_D = desirable_weight, lambda_U = undesirable_weight:
         loss_D = lambda_D (1 - sigmoid(beta (r_c - z0))),   loss_U = lambda_U (1 - sigmoid(beta (z0 - r_r)))
-    Returns (losses = cat(loss_D, loss_U) (Bc + Br,), chosen rewards beta r_c, rejected rewards beta r_r, z0);
-    either group may be empty.
+    (the paper's lambda_y - v(x, y)); the paper advises lambda_D Bc / (lambda_U Br) in [1, 4/3].
+    Returns (losses = cat(loss_D, loss_U) (Bc + Br,), chosen rewards beta r_c, rejected rewards beta r_r, z0 (0-d));
+    either group may be empty. preference_stats(chosen, rejected) gives the unpaired stats.
     """
+    for name, t in (("policy_chosen", policy_chosen), ("policy_rejected", policy_rejected), ("policy_kl", policy_kl)):
+        if t is not None and t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     _check_shape(tuple(policy_chosen.shape), ref_chosen=ref_chosen)
     _check_shape(tuple(policy_rejected.shape), ref_rejected=ref_rejected)
-    _check_shape(tuple(policy_kl.shape), ref_kl=ref_kl)
-    z0 = (_float(policy_kl) - _float(ref_kl)).mean().clamp_min(0).detach()
+    if (policy_kl is None) != (ref_kl is None):
+        raise ValueError("pass both policy_kl and ref_kl (the mismatched-pair log-probs), or neither")
+    _check_positive(beta=beta)
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError(f"desirable_weight and undesirable_weight must be >= 0, got {desirable_weight}, "
+                         f"{undesirable_weight}")
     r_c, r_r = _float(policy_chosen) - _float(ref_chosen), _float(policy_rejected) - _float(ref_rejected)
+    if policy_kl is None:
+        z0 = torch.zeros((), dtype=r_c.dtype, device=r_c.device)
+    else:
+        _check_shape(tuple(policy_kl.shape), ref_kl=ref_kl)
+        z0 = (_float(policy_kl) - _float(ref_kl)).mean().clamp_min(0).detach()
     loss_d = desirable_weight * (1 - torch.sigmoid(beta * (r_c - z0)))
     loss_u = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r_r)))
     return torch.cat([loss_d, loss_u]), (beta * r_c).detach(), (beta * r_r).detach(), z0
@@ -443,17 +591,20 @@ def orpo_loss(
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ORPO (Hong et al. 2024), reference-free. Inputs (B,): per-token-averaged policy log-probs, or summed
+    """ORPO (Hong et al. 2024, eq. 6-7), reference-free. Inputs (B,): per-token-averaged policy log-probs, or summed
     log-probs together with chosen_lengths / rejected_lengths (token counts) to average them here.
 
         log_odds = (l_c - log(1 - exp(l_c))) - (l_r - log(1 - exp(l_r)))      l = averaged log-prob
-        loss = -l_c + lam * (-log sigmoid(log_odds))
+        loss = -l_c + lam * (-log sigmoid(log_odds))                         (L_SFT + lambda L_OR)
     The NLL term is the chosen per-token mean NLL per example (its batch mean weights sequences equally,
     TRL's token-weighted NLL weights tokens). l is clamped to <= -1e-12 so l = 0 (p = 1) stays finite.
+    lam = 0.1 is the paper's lambda (TRL's ORPOConfig.beta). lam >= 0.
     Returns (per-example losses, chosen rewards lam * l_c, rejected rewards lam * l_r), rewards detached.
     """
-    _check_shape(tuple(chosen_logps.shape), rejected_logps=rejected_logps, chosen_lengths=chosen_lengths,
-                 rejected_lengths=rejected_lengths)
+    _check_pair_inputs(chosen_logps, "chosen_logps", chosen_lengths, rejected_lengths, False,
+                       rejected_logps=rejected_logps)
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
     lc = _per_token(_float(chosen_logps), chosen_lengths).clamp(max=-1e-12)
     lr = _per_token(_float(rejected_logps), rejected_lengths).clamp(max=-1e-12)
     log_odds = (lc - log1mexp(lc)) - (lr - log1mexp(lr))

@@ -412,48 +412,205 @@ def pref_inputs(seed=17, B=6):
     return [-(torch.rand(B, generator=g, dtype=torch.float64) * 30 + 1) for _ in range(4)]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
-def test_dpo_family_reference(loss_type):
+def np_logsig(z):
+    return -np.logaddexp(0.0, -z)
+
+
+def np_sig(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def ref_dpo(pc, pr, rc, rr, beta, loss_type, eps, delta=None):
+    """Float64 numpy reference, straight from the papers' formulas (a, b = chosen / rejected log-ratios)."""
+    a, b = pc - rc, pr - rr
+    h = a - b
+    z = beta * h
+    if loss_type == "sigmoid":   # DPO / cDPO
+        return -(1 - eps) * np_logsig(z) - eps * np_logsig(-z)
+    if loss_type == "robust":    # rDPO
+        return ((1 - eps) * -np_logsig(z) + eps * np_logsig(-z)) / (1 - 2 * eps)
+    if loss_type == "hinge":
+        return np.maximum(0.0, 1 - z)
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    if loss_type == "exo_pair":  # KL(Bernoulli(sig(z)) || Bernoulli(1 - eps))
+        e = eps or 1e-3
+        p = np_sig(z)
+        return p * np.log(p / (1 - e)) + (1 - p) * np.log((1 - p) / e)
+    if loss_type == "nca_pair":
+        return -np_logsig(beta * a) - 0.5 * np_logsig(-beta * a) - 0.5 * np_logsig(-beta * b)
+    if loss_type == "bco_pair":
+        return -np_logsig(beta * a - delta) - np_logsig(delta - beta * b)
+    if loss_type == "sppo_hard":
+        return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return 1 - np_sig(beta * a) + np_sig(beta * b)
+    if loss_type == "apo_down":
+        return np_sig(beta * a) + 1 - np_sig(beta * h)
+    raise AssertionError(loss_type)
+
+
+SMOOTHED = ("sigmoid", "robust", "exo_pair")
+
+
+def dpo_extra(loss_type, delta=0.37):
+    return {"bco_delta": delta} if loss_type == "bco_pair" else {}
+
+
+@pytest.mark.parametrize("loss_type", L.DPO_LOSS_TYPES)
+@pytest.mark.parametrize("length_mode", ["sum", "lengths", "averaged"])
+def test_dpo_family_reference(loss_type, length_mode):
     pc, pr, rc, rr = pref_inputs()
-    beta, eps = 0.3, 0.1
+    if length_mode == "averaged":  # inputs that are per-token means already: keep them O(1)
+        pc, pr, rc, rr = (x / 10 for x in (pc, pr, rc, rr))
+    if loss_type == "ipo" and length_mode == "sum":
+        with pytest.raises(ValueError, match="'ipo' is defined on per-token-averaged"):
+            L.dpo_loss(pc, pr, rc, rr, loss_type="ipo")
+        return
+    beta = 0.3
     lengths_c, lengths_r = torch.tensor([3, 5, 7, 9, 11, 13]), torch.tensor([4, 4, 6, 8, 10, 2])
-    kw = {"chosen_lengths": lengths_c, "rejected_lengths": lengths_r} if loss_type == "ipo" else {}
-    losses, cr, rj = L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps, **kw)
-    for i in range(len(pc)):
-        nc, nr = (lengths_c[i].item(), lengths_r[i].item()) if kw else (1, 1)
-        dc, dr = (pc[i].item() - rc[i].item()) / nc, (pr[i].item() - rr[i].item()) / nr
-        h = dc - dr
-        ref = {"sigmoid": -(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h),
-               "robust": ((1 - eps) * -log_sigmoid(beta * h) + eps * log_sigmoid(-beta * h)) / (1 - 2 * eps),
-               "hinge": max(0.0, 1 - beta * h),
-               "ipo": (h - 1 / (2 * beta)) ** 2}[loss_type]
-        assert math.isclose(losses[i].item(), ref, rel_tol=1e-10, abs_tol=1e-12)
-        assert math.isclose(cr[i].item(), beta * dc, rel_tol=1e-12) and math.isclose(rj[i].item(), beta * dr, rel_tol=1e-12)
-    # robust with no noise is plain DPO
+    kw = {"lengths": {"chosen_lengths": lengths_c, "rejected_lengths": lengths_r}, "averaged": {"averaged": True},
+          "sum": {}}[length_mode]
+    nc, nr = (lengths_c.double().numpy(), lengths_r.double().numpy()) if length_mode == "lengths" else (1.0, 1.0)
+    xc, xr, yc, yr = pc.numpy() / nc, pr.numpy() / nr, rc.numpy() / nc, rr.numpy() / nr
+    for eps in ((0.0, 0.1, 0.3) if loss_type in SMOOTHED else (0.0,)):
+        losses, cr, rj = L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps,
+                                    **kw, **dpo_extra(loss_type))
+        ref = ref_dpo(xc, xr, yc, yr, beta, loss_type, eps, delta=0.37)
+        assert losses.shape == (6,) and losses.dtype == torch.float64
+        np.testing.assert_allclose(losses.numpy(), ref, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(cr.numpy(), beta * (xc - yc), rtol=1e-12)
+        np.testing.assert_allclose(rj.numpy(), beta * (xr - yr), rtol=1e-12)
+        assert not cr.requires_grad and not rj.requires_grad
+
+
+def test_dpo_variant_identities():
+    pc, pr, rc, rr = pref_inputs(31)
+    # robust with no noise is plain DPO; exo_pair with label_smoothing 0 uses eps = 1e-3
     assert torch.allclose(L.dpo_loss(pc, pr, rc, rr, loss_type="robust")[0], L.dpo_loss(pc, pr, rc, rr)[0])
+    assert torch.equal(L.dpo_loss(pc, pr, rc, rr, loss_type="exo_pair")[0],
+                       L.dpo_loss(pc, pr, rc, rr, loss_type="exo_pair", label_smoothing=1e-3)[0])
+    # bco_pair: a 0-d tensor delta equals the float, and gets no gradient
+    d = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    out = L.dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", bco_delta=d)[0]
+    assert torch.equal(out, L.dpo_loss(pc, pr, rc, rr, loss_type="bco_pair", bco_delta=0.2)[0])
+    assert not out.requires_grad  # delta is detached
+    # float32 inputs in, float32 out; bf16 inputs are upcast
+    assert L.dpo_loss(pc.float(), pr.float(), rc.float(), rr.float())[0].dtype == torch.float32
+    assert L.dpo_loss(pc.bfloat16(), pr.bfloat16(), rc.bfloat16(), rr.bfloat16())[0].dtype == torch.float32
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_dpo_sigmoid_at_reference_is_ln2_with_zero_rewards(label_smoothing):
+    pc, pr, _, _ = pref_inputs(32)
+    losses, cr, rj = L.dpo_loss(pc, pr, pc.clone(), pr.clone(), beta=0.7, label_smoothing=label_smoothing)
+    np.testing.assert_allclose(losses.numpy(), math.log(2), rtol=1e-14)
+    assert torch.equal(cr, torch.zeros(6, dtype=torch.float64)) and torch.equal(rj, torch.zeros(6, dtype=torch.float64))
+    stats = L.preference_stats(cr, rj)
+    assert stats["rewards/margins"].item() == 0.0 and stats["rewards/accuracies"].item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type", L.DPO_LOSS_TYPES)
 def test_dpo_gradient_pushes_chosen_up_rejected_down(loss_type):
     g = gen(18)
     pc, pr = (-torch.rand(5, generator=g, dtype=torch.float64) * 10).requires_grad_(True), \
              (-torch.rand(5, generator=g, dtype=torch.float64) * 10).requires_grad_(True)
     rc = pc.detach() + 0.1 * torch.randn(5, generator=g, dtype=torch.float64)
-    rr = pr.detach() + 0.1 * torch.randn(5, generator=g, dtype=torch.float64)  # |h| small: inside hinge/IPO margins
-    losses, cr, rj = L.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=0.1)
+    rr = pr.detach() + 0.1 * torch.randn(5, generator=g, dtype=torch.float64)  # small log-ratios: inside all margins
+    eps = 0.1 if loss_type in SMOOTHED else 0.0
+    kw = {"averaged": True} if loss_type == "ipo" else {}
+    losses, cr, rj = L.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=eps, **kw,
+                                **dpo_extra(loss_type, 0.0))
     losses.sum().backward()
-    assert (pc.grad < 0).all() and (pr.grad > 0).all()  # descent raises log pi(chosen), lowers log pi(rejected)
+    # a descent step changes the margin pc - pr by -lr (grad_c - grad_r): it must grow
+    assert (pc.grad < pr.grad).all()
+    assert (pr.grad > 0).all()
+    if loss_type != "apo_down":  # APO-down pushes both down (chosen less); near a = b = 0 its chosen grad is ~0
+        assert (pc.grad < 0).all()
     assert not cr.requires_grad and not rj.requires_grad
+
+
+def test_dpo_step_on_a_tiny_model_raises_chosen_over_rejected():
+    """End to end through token_logprobs: one SGD step on free logits raises log pi(chosen) - log pi(rejected)."""
+    g = gen(33)
+    T, V = 5, 11
+    logits = torch.randn(2, T, V, generator=g, dtype=torch.float64, requires_grad=True)  # row 0 chosen, 1 rejected
+    tokens = torch.randint(0, V, (2, T), generator=g)
+    ref = L.token_logprobs(logits.detach(), tokens).sum(-1)
+
+    def margin():
+        s = L.token_logprobs(logits, tokens).sum(-1)
+        return s, (s[0] - s[1]).item()
+
+    s, before = margin()
+    loss = L.dpo_loss(s[:1], s[1:], ref[:1], ref[1:], beta=0.5)[0].mean()
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-12)
+    loss.backward()
+    with torch.no_grad():
+        logits -= 0.5 * logits.grad
+    _, after = margin()
+    assert after > before + 1e-3
 
 
 def test_dpo_input_errors():
     pc, pr, rc, rr = pref_inputs()
+    n = torch.full((6,), 4)
     with pytest.raises(ValueError, match="label_smoothing"):
         L.dpo_loss(pc, pr, rc, rr, loss_type="robust", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        L.dpo_loss(pc, pr, rc, rr, label_smoothing=-0.1)
+    with pytest.raises(ValueError, match="label_smoothing=0.1 is not used by loss_type 'hinge'"):
+        L.dpo_loss(pc, pr, rc, rr, loss_type="hinge", label_smoothing=0.1)
     with pytest.raises(ValueError, match="loss_type"):
         L.dpo_loss(pc, pr, rc, rr, loss_type="simpo")
+    for beta in (0.0, -0.1):
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            L.dpo_loss(pc, pr, rc, rr, beta=beta)
     with pytest.raises(ValueError, match="ref_rejected has shape"):
         L.dpo_loss(pc, pr, rc, rr[:3])
+    with pytest.raises(ValueError, match="policy_rejected has shape"):
+        L.dpo_loss(pc, pr[:5], rc, rr)
+    with pytest.raises(ValueError, match="policy_chosen must be"):
+        L.dpo_loss(pc[:, None], pr[:, None], rc[:, None], rr[:, None])
+    with pytest.raises(ValueError, match="chosen_lengths has shape"):
+        L.dpo_loss(pc, pr, rc, rr, chosen_lengths=n[:2], rejected_lengths=n)
+    with pytest.raises(ValueError, match="chosen_lengths and rejected_lengths"):
+        L.dpo_loss(pc, pr, rc, rr, chosen_lengths=n)
+    with pytest.raises(ValueError, match="averaged=True"):
+        L.dpo_loss(pc, pr, rc, rr, chosen_lengths=n, rejected_lengths=n, averaged=True)
+    with pytest.raises(ValueError, match="'ipo' is defined on per-token-averaged"):
+        L.dpo_loss(pc, pr, rc, rr, loss_type="ipo")
+    with pytest.raises(ValueError, match="needs bco_delta"):
+        L.dpo_loss(pc, pr, rc, rr, loss_type="bco_pair")
+    with pytest.raises(ValueError, match="bco_delta is only used"):
+        L.dpo_loss(pc, pr, rc, rr, bco_delta=0.1)
+
+
+@pytest.mark.parametrize("length_mode", ["averaged", "lengths"])
+def test_simpo_reference_and_gradients(length_mode):
+    g = gen(34)
+    n_c, n_r = torch.tensor([3, 5, 7, 9, 11, 13]), torch.tensor([4, 4, 6, 8, 10, 2])
+    avg_c, avg_r = -torch.rand(6, generator=g, dtype=torch.float64) * 3, -torch.rand(6, generator=g, dtype=torch.float64) * 3
+    xc, xr = (avg_c * n_c, avg_r * n_r) if length_mode == "lengths" else (avg_c, avg_r)
+    xc.requires_grad_(True)
+    xr.requires_grad_(True)
+    kw = {"chosen_lengths": n_c, "rejected_lengths": n_r} if length_mode == "lengths" else {}
+    for beta, gamma, eps in ((2.0, 1.0, 0.0), (2.5, 0.3, 0.1), (0.7, -0.2, 0.25)):
+        losses, cr, rj = L.simpo_loss(xc, xr, beta=beta, gamma=gamma, label_smoothing=eps, **kw)
+        lw, ll = avg_c.detach().numpy(), avg_r.detach().numpy()
+        z = beta * (lw - ll) - gamma
+        np.testing.assert_allclose(losses.detach().numpy(), -(1 - eps) * np_logsig(z) - eps * np_logsig(-z), rtol=1e-10)
+        np.testing.assert_allclose(cr.numpy(), beta * lw, rtol=1e-12)
+        np.testing.assert_allclose(rj.numpy(), beta * ll, rtol=1e-12)
+    losses, _, _ = L.simpo_loss(xc, xr, **kw)
+    losses.sum().backward()
+    assert (xc.grad < 0).all() and (xr.grad > 0).all()
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        L.simpo_loss(avg_c, avg_r, beta=0.0)
+    with pytest.raises(ValueError, match="rejected_logps has shape"):
+        L.simpo_loss(avg_c, avg_r[:2])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        L.simpo_loss(avg_c, avg_r, label_smoothing=0.5)
 
 
 def test_kto_reference_baseline_and_gradients():
@@ -479,6 +636,29 @@ def test_kto_reference_baseline_and_gradients():
     _, _, _, z = L.kto_loss(pc, rc, pr[:0], rr[:0], rk, rk + 1.0)
     assert z.item() == 0.0
     assert L.kto_loss(pc, rc, pr[:0], rr[:0], pk, rk)[0].shape == (4,)
+    # no mismatched pairs: z0 = 0
+    l0, _, _, z = L.kto_loss(pc, rc, pr, rr, beta=beta, desirable_weight=wd, undesirable_weight=wu)
+    ref0 = [wd * (1 - sig(beta * (pc[i].item() - rc[i].item()))) for i in range(4)]
+    ref0 += [wu * (1 - sig(-beta * (pr[i].item() - rr[i].item()))) for i in range(3)]
+    assert z.item() == 0.0 and np.allclose(l0.detach().numpy(), ref0, rtol=1e-12)
+    # unpaired stats
+    stats = L.preference_stats(cr, rj)
+    assert "rewards/accuracies" not in stats
+    assert math.isclose(stats["rewards/margins"].item(), cr.mean().item() - rj.mean().item(), rel_tol=1e-12)
+
+
+def test_kto_input_errors():
+    pc, pr, rc, rr = pref_inputs(35)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        L.kto_loss(pc, rc, pr, rr, pc, rc, beta=0.0)
+    with pytest.raises(ValueError, match="ref_kl has shape"):
+        L.kto_loss(pc, rc, pr, rr, pc, rc[:2])
+    with pytest.raises(ValueError, match="policy_kl and ref_kl"):
+        L.kto_loss(pc, rc, pr, rr, pc)
+    with pytest.raises(ValueError, match="ref_chosen has shape"):
+        L.kto_loss(pc, rc[:3], pr, rr)
+    with pytest.raises(ValueError, match="undesirable_weight"):
+        L.kto_loss(pc, rc, pr, rr, undesirable_weight=-1.0)
 
 
 def test_orpo_reference_and_gradients():
@@ -499,6 +679,19 @@ def test_orpo_reference_and_gradients():
     assert torch.allclose(L.orpo_loss(lc * n, lr * n, lam, n, n)[0], losses)
     # p = 1 (log-prob exactly 0) stays finite
     assert torch.isfinite(L.orpo_loss(torch.zeros(2), torch.tensor([0.0, -1.0]))[0]).all()
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        L.orpo_loss(lc, lr, lam=-0.1)
+    with pytest.raises(ValueError, match="rejected_logps has shape"):
+        L.orpo_loss(lc, lr[:2])
+
+
+def test_preference_stats_paired():
+    c = torch.tensor([0.5, -0.2, 0.1, 0.0], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.3, -0.4, 0.0], dtype=torch.float64)
+    s = L.preference_stats(c, r)
+    assert set(s) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"}
+    assert math.isclose(s["rewards/chosen"].item(), 0.1) and math.isclose(s["rewards/rejected"].item(), 0.0)
+    assert math.isclose(s["rewards/margins"].item(), 0.1) and s["rewards/accuracies"].item() == 0.5  # ties do not count
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
@@ -581,12 +774,30 @@ def _default_cases():
         "kl_penalized_rewards": (lambda **kw: L.kl_penalized_rewards(r, logp, logp_ref, m, 0.1, **kw),
                                  {"estimator": "k1"}, [{"estimator": "k2"}, {"estimator": "k3"}]),
         "dpo_loss": (lambda **kw: L.dpo_loss(pc, pr, rc, rr, **kw),
-                     {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0},
-                     [{"beta": 0.2}, {"loss_type": "hinge"}, {"loss_type": "ipo"}, {"label_smoothing": 0.1}]),
+                     {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "chosen_lengths": None,
+                      "rejected_lengths": None, "averaged": False, "bco_delta": None},
+                     [{"beta": 0.2}, {"label_smoothing": 0.1},
+                      {"chosen_lengths": torch.full((6,), 3), "rejected_lengths": torch.full((6,), 2)}]
+                     + [{"loss_type": t, **({"bco_delta": 0.1} if t == "bco_pair" else {}),
+                         **({"averaged": True} if t == "ipo" else {})} for t in L.DPO_LOSS_TYPES
+                        if t not in ("sigmoid", "robust")]),  # robust == sigmoid at label_smoothing 0
+        "dpo_loss smoothed": (lambda **kw: L.dpo_loss(pc, pr, rc, rr, label_smoothing=0.1, **kw),
+                              {"loss_type": "sigmoid"}, [{"loss_type": "robust"}, {"loss_type": "exo_pair"}]),
+        "dpo_loss exo_pair": (lambda **kw: L.dpo_loss(pc, pr, rc, rr, loss_type="exo_pair", **kw),
+                              {"label_smoothing": 0.0}, [{"label_smoothing": 1e-2}]),
+        "simpo_loss": (lambda **kw: L.simpo_loss(pc / 30, pr / 30, **kw),
+                       {"beta": 2.0, "gamma": 1.0, "label_smoothing": 0.0, "chosen_lengths": None,
+                        "rejected_lengths": None},
+                       [{"beta": 2.5}, {"gamma": 0.5}, {"label_smoothing": 0.1},
+                        {"chosen_lengths": torch.full((6,), 3), "rejected_lengths": torch.full((6,), 2)}]),
         "kto_loss": (lambda **kw: L.kto_loss(pc, rc, pr, rr, pk, rk, **kw),
                      {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
                      [{"beta": 0.2}, {"desirable_weight": 1.3}, {"undesirable_weight": 1.3}]),
-        "orpo_loss": (lambda **kw: L.orpo_loss(pc / 30, pr / 30, **kw), {"lam": 0.1}, [{"lam": 0.2}]),
+        "kto_loss no KL": (lambda **kw: L.kto_loss(pc, rc, pr, rr, **kw), {"policy_kl": None, "ref_kl": None},
+                           [{"policy_kl": pk, "ref_kl": rk}]),
+        "orpo_loss": (lambda **kw: L.orpo_loss(pc / 30, pr / 30, **kw),
+                      {"lam": 0.1, "chosen_lengths": None, "rejected_lengths": None},
+                      [{"lam": 0.2}, {"chosen_lengths": torch.full((6,), 3), "rejected_lengths": torch.full((6,), 2)}]),
         "token_logprobs": (lambda **kw: L.token_logprobs(logits, tokens, **kw), {"ignore_index": None},
                            [{"ignore_index": int(tokens[0, 0])}]),
         "masked_var": (lambda **kw: L.masked_var(r, m, **kw), {"unbiased": True}, [{"unbiased": False}]),
