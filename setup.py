@@ -47,7 +47,7 @@ setup(
     install_requires=["torch", "numpy", "tiktoken", "h5py", "tqdm", "sympy", "safetensors", "pyyaml"],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers", "sortedcontainers", "matplotlib", "tokenizers",
-                 "jinja2>=3.1.6"],
+                 "jinja2>=3.1.6", "peft"],
         "hf": ["tokenizers", "jinja2>=3.1.6"],  # Hugging Face tokenizer folders and chat templates
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
