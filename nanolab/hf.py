@@ -43,7 +43,17 @@ import torch
 
 from .errors import UsageError
 from .fileio import atomic_path
-from .models import GPT2, CausalLM, GPT2Config, Llama, LlamaConfig, OLMo2, OLMo2Config, build_model
+from .models import (
+    GPT2,
+    CausalLM,
+    GPT2Config,
+    Llama,
+    LlamaConfig,
+    ModelConfig,
+    OLMo2,
+    OLMo2Config,
+    build_model,
+)
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "Olmo2ForCausalLM": "olmo2", "LlamaForCausalLM": "llama",
              "Qwen2ForCausalLM": "llama", "MistralForCausalLM": "llama"}
@@ -615,17 +625,9 @@ def _shape_of_missing_bias(model: CausalLM, name: str) -> tuple[int, ...]:
 
 
 # --- import ------------------------------------------------------------------------------------------------------
-def import_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, **overrides) -> CausalLM:
-    """Build a nanolab model from a transformers checkpoint folder (architectures: see SUPPORTED).
-
-    path:      folder with config.json and weights (see the module docstring)
-    dtype:     the parameters' dtype; None keeps the checkpoint's (bf16 weights stay bf16; float32 if its
-               tensors mix float dtypes)
-    overrides: nanolab config fields to change (e.g. dropout=0.1, or block_size=4096 to run a long-context model,
-               or a sliding-window one, on a shorter context)
-    Returns the model in train mode, on the CPU. Raises UsageError naming the file for every bad input.
-    """
-    path = os.fspath(path)
+def _config_of(path: str, overrides: dict) -> tuple[ModelConfig, str, str]:
+    """(nanolab config, architecture, family) of a transformers folder's config.json, with overrides; every value
+    nanolab does not implement is a UsageError naming the file and field."""
     hf, config_file = _read_config(path)
     arch, family, fields = _our_config(hf, config_file)
     try:
@@ -642,6 +644,28 @@ def import_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, **overr
                          f"(block_size={cfg.block_size}); nanolab has no sliding-window attention, and within "
                          f"{window} tokens it equals full causal attention: import with block_size={window} "
                          f"(or less)")
+    return cfg, arch, family
+
+
+def hf_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    """The nanolab model config of a transformers checkpoint folder, read from its config.json alone (no weights
+    are read): what import_hf(path, **overrides) would build."""
+    return _config_of(os.fspath(path), overrides)[0]
+
+
+def import_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, **overrides) -> CausalLM:
+    """Build a nanolab model from a transformers checkpoint folder (architectures: see SUPPORTED).
+
+    path:      folder with config.json and weights (see the module docstring)
+    dtype:     the parameters' dtype; None keeps the checkpoint's (bf16 weights stay bf16; float32 if its
+               tensors mix float dtypes)
+    overrides: nanolab config fields to change (e.g. dropout=0.1, or block_size=4096 to run a long-context model,
+               or a sliding-window one, on a shorter context)
+    Returns the model in train mode, on the CPU. Raises UsageError naming the file for every bad input.
+    """
+    path = os.fspath(path)
+    cfg, arch, family = _config_of(path, overrides)
+    config_file = os.path.join(path, "config.json")
     if dtype is not None and dtype not in _FLOATS:
         raise UsageError(f"import_hf: dtype must be one of {[str(d) for d in _FLOATS]} or None, got {dtype!r}")
 

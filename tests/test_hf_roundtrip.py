@@ -108,3 +108,18 @@ def test_grpo_on_a_folder_uses_its_tokenizer(data_dir, src, tmp_path, monkeypatc
     assert [r["step"] for r in rows if "reward" in r] == [1, 2]
     ce = [r["val_ce"] for r in rows if "val_ce" in r]
     assert len(ce) == 2 and all(4.0 < c < 7.0 for c in ce)  # ~ln(300) for a random model over the folder's BPE
+
+
+def test_hf_config_reads_config_json_alone(src, tmp_path):
+    """hf_config gives the config import_hf builds, from config.json alone (the dry-run planner uses it)."""
+    import shutil
+
+    from nanolab.hf import hf_config, import_hf
+
+    assert hf_config(src, dropout=0.1) == import_hf(src, dropout=0.1).config
+    only_config = tmp_path / "cfg"
+    only_config.mkdir()
+    shutil.copy(src / "config.json", only_config / "config.json")
+    assert hf_config(only_config) == hf_config(src)  # no weights needed
+    with pytest.raises(ValueError, match="config.json|safetensors|weights"):
+        import_hf(only_config)
