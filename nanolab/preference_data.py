@@ -91,38 +91,36 @@ def _get(obj: dict, key: str, kind: type, where: str) -> Any:
     return value
 
 
-def read_preferences(path: str | os.PathLike, prompt: str = "prompt", chosen: str = "chosen",
-                     rejected: str = "rejected", max_samples: int | None = None) -> list[dict[str, str]]:
-    """Paired preferences from a JSONL(.gz) file: [{"prompt", "chosen", "rejected"}, ...] (strings), read from
-    the named columns (other columns are ignored); at most max_samples rows, in file order."""
+def _read_rows(path: str | os.PathLike, columns: dict[str, tuple[str, type]],
+               max_samples: int | None) -> list[dict[str, Any]]:
+    """Rows {name: value} of a JSONL(.gz) file, each value read from its column with its type checked (see _get);
+    at most max_samples rows, in file order; an empty dataset is an error."""
     _check_max_samples(max_samples)
-    rows: list[dict[str, str]] = []
+    rows: list[dict[str, Any]] = []
     for lineno, obj in _iter_jsonl(path):
         where = f"{path}:{lineno}"
-        rows.append({"prompt": _get(obj, prompt, str, where), "chosen": _get(obj, chosen, str, where),
-                     "rejected": _get(obj, rejected, str, where)})
+        rows.append({name: _get(obj, column, kind, where) for name, (column, kind) in columns.items()})
         if max_samples is not None and len(rows) >= max_samples:
             break
     if not rows:
         raise UsageError(f"{path}: no rows (empty dataset)")
     return rows
+
+
+def read_preferences(path: str | os.PathLike, prompt: str = "prompt", chosen: str = "chosen",
+                     rejected: str = "rejected", max_samples: int | None = None) -> list[dict[str, str]]:
+    """Paired preferences from a JSONL(.gz) file: [{"prompt", "chosen", "rejected"}, ...] (strings), read from
+    the named columns (other columns are ignored); at most max_samples rows, in file order."""
+    return _read_rows(path, {"prompt": (prompt, str), "chosen": (chosen, str), "rejected": (rejected, str)},
+                      max_samples)
 
 
 def read_unpaired(path: str | os.PathLike, prompt: str = "prompt", completion: str = "completion",
                   label: str = "label", max_samples: int | None = None) -> list[dict[str, Any]]:
     """Unpaired (KTO-style) examples from a JSONL(.gz) file: [{"prompt", "completion", "label"}, ...], label a
     JSON true (desirable) or false (undesirable); at most max_samples rows, in file order."""
-    _check_max_samples(max_samples)
-    rows: list[dict[str, Any]] = []
-    for lineno, obj in _iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        rows.append({"prompt": _get(obj, prompt, str, where), "completion": _get(obj, completion, str, where),
-                     "label": _get(obj, label, bool, where)})
-        if max_samples is not None and len(rows) >= max_samples:
-            break
-    if not rows:
-        raise UsageError(f"{path}: no rows (empty dataset)")
-    return rows
+    return _read_rows(path, {"prompt": (prompt, str), "completion": (completion, str), "label": (label, bool)},
+                      max_samples)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
