@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import perturbed
 
 from nanolab.errors import UsageError
 from nanolab.hf import export_hf, import_hf
@@ -29,15 +30,6 @@ def _single_threaded(one_thread):
     """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
-def _noisy(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Perturb every parameter so norms/biases are not ones/zeros (a mapping error must show in the logits)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 def _hf_load(path):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                              attn_implementation="eager").eval()
@@ -50,7 +42,7 @@ def _ids(cfg, seed=0):
 @pytest.mark.parametrize("family,fields", [("gpt2", f) for f in GPT2_CASES] + [("olmo2", f) for f in OLMO2_CASES])
 def test_export_matches_transformers(tmp_path, family, fields):
     torch.manual_seed(0)
-    model = _noisy(build_model(config_from_dict({"family": family, **fields})), 1)
+    model = perturbed(build_model(config_from_dict({"family": family, **fields})), 1)
     export_hf(model, tmp_path / "hf")
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temp folders left behind
     hf = _hf_load(tmp_path / "hf")
@@ -69,7 +61,7 @@ def test_export_matches_transformers(tmp_path, family, fields):
 
 def test_export_replaces_existing_folder_and_bias_free_gpt2(tmp_path):
     torch.manual_seed(0)
-    model = _noisy(build_model(preset("gpt2-char-tiny", n_layer=1, n_embd=32, n_head=2, block_size=8,
+    model = perturbed(build_model(preset("gpt2-char-tiny", n_layer=1, n_embd=32, n_head=2, block_size=8,
                                       bias=False)), 2)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "stale.txt").write_text("old")
@@ -84,7 +76,7 @@ def test_export_replaces_existing_folder_and_bias_free_gpt2(tmp_path):
 def _hf_gpt2(**kw):
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=120, n_positions=16,
                                   bos_token_id=None, eos_token_id=None, **kw)
-    return _noisy(transformers.GPT2LMHeadModel(cfg), 3)
+    return perturbed(transformers.GPT2LMHeadModel(cfg), 3)
 
 
 def _hf_olmo2(**kw):
@@ -92,7 +84,7 @@ def _hf_olmo2(**kw):
                   intermediate_size=80, vocab_size=150, max_position_embeddings=16, pad_token_id=None,
                   eos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 5000.0})
     fields.update(kw)
-    return _noisy(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**fields)), 4)
+    return perturbed(transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**fields)), 4)
 
 
 @pytest.mark.parametrize("make", [_hf_gpt2, _hf_olmo2, lambda: _hf_olmo2(tie_word_embeddings=True,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import perturbed
 
 from nanolab.errors import UsageError
 from nanolab.hf import _LLAMA_DEFAULTS, _our_config, export_hf, import_hf
@@ -48,18 +49,9 @@ def _single_threaded(one_thread):
     """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
-def _noisy(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Perturb every parameter so norms/biases are not ones/zeros (a mapping error must show in the logits)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 def _tiny(seed=0, **fields):
     torch.manual_seed(seed)
-    return _noisy(build_model(config_from_dict({**BASE, **fields})), seed + 1)
+    return perturbed(build_model(config_from_dict({**BASE, **fields})), seed + 1)
 
 
 def _ids(vocab, T, seed=0, B=2):
@@ -153,7 +145,7 @@ def _hf_model(arch: str, seed: int = 3, **kw):
                   bos_token_id=None, eos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
     fields.update(kw)
     torch.manual_seed(seed)
-    return _noisy(model_cls(cfg_cls(**fields)), seed)
+    return perturbed(model_cls(cfg_cls(**fields)), seed)
 
 
 IMPORT_CASES = {
@@ -211,7 +203,7 @@ def _greedy_full_recompute(model, prompt, n):
                                                   tie_embeddings=True)])
 def test_cached_greedy_generate_equals_full_recompute(fields):
     torch.manual_seed(0)
-    model = _noisy(build_model(preset("llama-char-tiny", **fields)), 5)
+    model = perturbed(build_model(preset("llama-char-tiny", **fields)), 5)
     prompts = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6, 5, 4, 3, 2, 1]]  # ragged: left padding in the cache
     gen = generate(model, prompts, 30, temperature=0.0)
     for r, p in enumerate(prompts):
