@@ -590,7 +590,7 @@ class Throughput:
     """Training wall time between two logs, with eval/save time excluded only when they happen.
 
     meter = Throughput(device); ...; meter.tick()                  # after each step
-    with meter.paused(): evaluate(); save()                        # synchronises first: queued steps count
+    with meter.paused(evaluate or save): ...                       # synchronises first: queued steps count
     steps, seconds = meter.lap()                                   # call after a sync (e.g. a .item())
     """
 
@@ -606,7 +606,11 @@ class Throughput:
             torch.cuda.synchronize(self.device)
 
     @contextmanager
-    def paused(self):
+    def paused(self, active: bool = True):
+        """Exclude the block's time; active=False: a no-op (no device sync in a step that evaluates nothing)."""
+        if not active:
+            yield
+            return
         self._sync()  # the steps queued before the pause are training time
         t0 = self.clock()
         try:

@@ -251,7 +251,7 @@ def train(args) -> int:
             at_end = step >= args.iters
             evaluate = (step == start_step == 0) or at_end or (step > start_step and run.due(step, args.eval_interval))
             save = run.save_due(step, start_step, at_end, args.checkpoint_interval, args.eval_interval)
-            with meter.paused():  # eval / save time is not training time
+            with meter.paused(evaluate or save):  # eval / save time is not training time
                 if evaluate:
                     if args.task == "continuation":
                         ce = run.mean_loss(raw_model, run.chunks(val_x, val_y, args.micro_batch_size), autocast)

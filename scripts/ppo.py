@@ -261,7 +261,7 @@ def train(args) -> int:
             at_end = step >= args.iters
             evaluate = (step == start_step == 0) or at_end or (step > start_step and run.due(step, args.eval_interval))
             save = run.save_due(step, start_step, at_end, args.checkpoint_interval, args.eval_interval)
-            with meter.paused():  # eval / save time is not training time
+            with meter.paused(evaluate or save):  # eval / save time is not training time
                 if evaluate:
                     evaluate_char_task(policy, tokenizer, val_x, val_y, step, chars_seen, summary, rd, env, tracker, args)
                 if save:
