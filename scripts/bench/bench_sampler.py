@@ -7,7 +7,8 @@ CPU (default):
      seconds per call (target: well under 0.5 s on 2 cores);
   3. transformers' generate() on the same tiny GPT-2 weights (a smoke run of the GPU comparison's code path);
   4. bytes cached per token for each family.
-GPU (--device cuda): gpt2-124m in bf16, prompt 64, 256 new greedy tokens, batch 1 and 64: ours with and without
+GPU (--device cuda): gpt2-124m (or --preset, e.g. llama3.2-1b) with random weights in bf16, prompt 64, 256 new
+  greedy tokens, batch 1 and 64: ours with and without
   a CUDA graph vs transformers' generate() (dynamic cache, and cache_implementation="static") on the same weights
   (exported with nanolab.hf.export_hf). Ratios against transformers (dynamic) and against its static cache, and at
   batch 1 our fraction of the memory-bandwidth bound (weights + KV cache read once per token).
@@ -16,6 +17,8 @@ allocated and the CUDA graph captured once), released before the next configurat
 
     python scripts/bench/bench_sampler.py --device cpu [--quick]
     python scripts/bench/bench_sampler.py --device cuda
+    python scripts/bench/bench_sampler.py --device cuda --preset llama3.2-1b
+    python scripts/bench/bench_sampler.py --device cpu --quick --preset llama-char-tiny   # smoke of that path
 """
 
 from __future__ import annotations
@@ -130,7 +133,8 @@ def bench_grpo_shape(quick: bool) -> None:
 
 def bench_cache_bytes() -> None:
     rows = []
-    for name in ("gpt2-124m", "olmo2-124m", "mla-124m", "olmo2-1b", "gpt2-char-small", "olmo2-char-small",
+    for name in ("gpt2-124m", "olmo2-124m", "mla-124m", "olmo2-1b", "smollm2-135m", "qwen2.5-0.5b", "llama3.2-1b",
+                 "gpt2-char-small", "olmo2-char-small",
                  "mla-char-small"):
         with torch.device("meta"):
             model = build_model(preset(name))
@@ -241,9 +245,9 @@ def bench_vs_transformers(model, device: str, dtype: torch.dtype, batches: tuple
     if mem_bw:
         header.append("batch-1 bandwidth bound")
     header.append("greedy tokens = transformers' up to")
-    table(f"{device}: {c.n_layer}L x {c.n_embd} GPT-2, {str(dtype).replace('torch.', '')}, prompt {prompt_len}, "
+    table(f"{device}: {c.n_layer}L x {c.n_embd} {c.family}, {str(dtype).replace('torch.', '')}, prompt {prompt_len}, "
           f"{n} new greedy tokens", rows, tuple(header))
-    if ref is not None:
+    if ref is not None and c.family == "gpt2":
         print("targets (H200 reference figures): batch 1 >= 3x static (>= 2,340 tok/s), batch 64 >= 1.5x static "
               "(>= 56,100 tok/s). Reference: transformers 225 / 780 tok/s (dynamic / static) at batch 1, "
               "13.8k / 37.4k at batch 64.")
@@ -259,6 +263,9 @@ def main() -> None:
     p.add_argument("--no_hf_static", action="store_true", help="skip transformers' static cache (it auto-compiles)")
     p.add_argument("--mem_bw_tbs", type=float, default=None,
                    help="GPU memory bandwidth in TB/s for the bound (default: looked up from the device name)")
+    p.add_argument("--preset", default=None,
+                   help="model preset of the transformers comparison (default: gpt2-124m on cuda, a 2-layer GPT-2 "
+                        "on cpu), random weights")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per GPU configuration (best is kept)")
     args = p.parse_args()
     if args.threads:
@@ -274,9 +281,9 @@ def main() -> None:
         if mem_bw is None:
             print(f"unknown memory bandwidth for {name!r}: pass --mem_bw_tbs for the bandwidth bound")
         torch.manual_seed(0)
-        model = sharpened(build_model(preset("gpt2-124m")))
+        model = sharpened(build_model(preset(args.preset or "gpt2-124m")))
         bench_vs_transformers(model, args.device, torch.bfloat16, (1, 64), 64, 256, args.reps, not args.no_hf_static,
-                              mem_bw, HF_H200)
+                              mem_bw, HF_H200 if (args.preset or "gpt2-124m") == "gpt2-124m" else None)
         bench_cache_bytes()
     else:
         print(f", {torch.get_num_threads()} threads")
@@ -284,7 +291,8 @@ def main() -> None:
         bench_grpo_shape(args.quick)
         if not args.no_hf:
             torch.manual_seed(0)
-            model = sharpened(build_model(preset("gpt2-124m", n_layer=2, n_head=4, n_embd=128, block_size=256)))
+            model = sharpened(build_model(preset(args.preset) if args.preset else
+                                          preset("gpt2-124m", n_layer=2, n_head=4, n_embd=128, block_size=256)))
             bench_vs_transformers(model, "cpu", torch.float32, (1, 4), 16, 16 if args.quick else 64, 1,
                                   not args.no_hf_static, None, None)
         bench_cache_bytes()
