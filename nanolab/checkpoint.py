@@ -11,6 +11,11 @@ A save writes everything into `.tmp-step<N>-<pid>/` (each file fsynced, state.js
 `step<N>` (atomic on POSIX) and only then updates `latest`; so a crash at any point leaves the previous checkpoint
 as `latest`, and `latest_checkpoint` never returns a half-written folder. Loading never unpickles arbitrary objects.
 
+Two variants, for the preference-tuning pipeline (scripts/dpo.py): style="checkpoint" names the folders
+`checkpoint-<N>` (the Hugging Face Trainer's names) instead of `step<N>`, and adapter_only=True writes the LoRA
+adapters in PEFT's format (adapter_config.json + adapter_model.safetensors, nanolab.lora.save_adapter) instead of
+the whole model; load_checkpoint then loads them into a model that already carries the same adapters.
+
     path = save_checkpoint(run_dir, step, model, optimizer, state={...}, keep_last=3)
     path = latest_checkpoint(run_dir)                       # None when there is none
     state = load_checkpoint(path_or_run_dir, model, optimizer, map_location="cpu")
@@ -36,12 +41,22 @@ from .fileio import atomic_write, fsync_path
 
 FORMAT_VERSION = 1
 MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST_FILE = "model.safetensors", "optimizer.pt", "state.json", "latest"
-_STEP_RE = re.compile(r"^step(\d+)$")
-_TMP_RE = re.compile(r"^\.(?:tmp|old)-step\d+-(\d+)$")
+ADAPTER_FILE = "adapter_model.safetensors"  # nanolab.lora.WEIGHTS_NAME (PEFT's name)
+_STEP_RE = re.compile(r"^(?:step|checkpoint-)(\d+)$")
+_TMP_RE = re.compile(r"^\.(?:tmp|old)-(?:step|checkpoint-)\d+-(\d+)$")
+STYLES = ("step", "checkpoint")
 
 
-def step_dir_name(step: int) -> str:
-    return f"step{step:06d}"
+def step_dir_name(step: int, style: str = "step") -> str:
+    """step000500 (style "step"), or checkpoint-500 (style "checkpoint")."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return f"step{step:06d}" if style == "step" else f"checkpoint-{step}"
+
+
+def _complete(path: Path) -> bool:
+    """A finished save: state.json (written last) and the weights (whole model or adapters)."""
+    return (path / STATE_FILE).is_file() and ((path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -129,15 +144,16 @@ def _discard(path: Path) -> None:
 
 
 def step_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoint folders of a run, [(step, path)] sorted by step. Complete = named step<N> (only a
-    finished save is renamed to that) and holding both model.safetensors and state.json."""
+    """Complete checkpoint folders of a run, [(step, path)] sorted by step. Complete = named step<N> or
+    checkpoint-<N> (only a finished save is renamed to that) and holding state.json and the weights
+    (model.safetensors, or adapter_model.safetensors for an adapter-only save)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
     out = []
     for p in run_dir.iterdir():
         m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file() and (p / MODEL_FILE).is_file():
+        if m and p.is_dir() and _complete(p):
             out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -159,10 +175,13 @@ def _portable(opt_state: dict[str, Any]) -> dict[str, Any]:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, state: dict[str, Any] | None = None,
-                    keep_last: int | None = None, tokenizer: Any = None) -> Path:
+                    keep_last: int | None = None, tokenizer: Any = None, style: str = "step",
+                    adapter_only: bool = False, keep_steps: tuple[int, ...] = ()) -> Path:
     """Write run_dir/step<N>/ (model.safetensors, optimizer.pt, state.json) crash-safely, point `latest` at it,
     and with keep_last=K delete the complete step folders of steps <= N but the K most recent (never the one just
-    written).
+    written). style="checkpoint" names the folder checkpoint-<N>; adapter_only=True saves the model's LoRA
+    adapters (PEFT's files) instead of model.safetensors (the optimizer then holds only adapter parameters).
+    keep_steps: checkpoints that keep_last never deletes (e.g. the best one so far).
     `state` must be JSON-serialisable; "step", "model_config" (if the model has a config) and "format" are added.
     `tokenizer`: saved with the checkpoint (state["tokenizer"] = its to_dict(); a Hugging Face tokenizer's files
     are copied into the folder byte for byte, so the checkpoint rebuilds it and export_hf writes it back).
@@ -188,13 +207,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
         full_state["model_config"] = raw.config.to_dict()
     state_text = json.dumps(full_state, indent=1, allow_nan=False)  # fail before writing anything
 
-    tmp = run_dir / f".tmp-step{step}-{os.getpid()}"
+    name = step_dir_name(step, style)
+    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     try:
-        # save_model drops duplicate names of tied tensors (e.g. lm_head.weight == wte.weight) and load_model
-        # restores the tie; the tensors are written as-is (no pickle).
-        save_model(raw, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
-        fsync_path(tmp / MODEL_FILE)
+        if adapter_only:
+            from .lora import save_adapter
+
+            save_adapter(raw, tmp)
+            fsync_path(tmp / ADAPTER_FILE)
+        else:
+            # save_model drops duplicate names of tied tensors (e.g. lm_head.weight == wte.weight) and load_model
+            # restores the tie; the tensors are written as-is (no pickle).
+            save_model(raw, str(tmp / MODEL_FILE), metadata={"format": "pt", "step": str(step)})
+            fsync_path(tmp / MODEL_FILE)
         if optimizer is not None:
             with open(tmp / OPTIM_FILE, "wb") as f:
                 torch.save(_portable(optimizer.state_dict()), f)
@@ -209,7 +235,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
             f.flush()
             os.fsync(f.fileno())
         fsync_path(tmp)
-        final = run_dir / step_dir_name(step)
+        final = run_dir / name
         if final.exists():  # re-saving a step (e.g. after resuming from an older pointer): replace it
             _discard(final)
         os.rename(tmp, final)
@@ -220,7 +246,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module,
     atomic_write(run_dir / LATEST_FILE, final.name + "\n")
     if keep_last is not None:
         older = [p for s, p in step_dirs(run_dir) if s <= step]  # folders of later steps are not "older"
-        keep = set(older[-keep_last:]) | {final}
+        keep = set(older[-keep_last:]) | {final} | {p for s, p in step_dirs(run_dir) if s in keep_steps}
         for p in older:
             if p not in keep:
                 _discard(p)
@@ -238,7 +264,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     if pointer.is_file():
         name = pointer.read_text(encoding="utf-8").strip()
         target = run_dir / name
-        if _STEP_RE.match(name) and (target / STATE_FILE).is_file() and (target / MODEL_FILE).is_file():
+        if _STEP_RE.match(name) and _complete(target):
             return target
     complete = step_dirs(run_dir)
     return complete[-1][1] if complete else None
@@ -247,7 +273,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint folder from either a checkpoint folder or a run folder (-> its latest checkpoint)."""
     path = Path(path)
-    if (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
+    if _complete(path):
         return path
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
@@ -275,13 +301,18 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load weights into `model` (unwrapped first; strict: every key and shape must match) and the optimizer
-    state into `optimizer`, from a checkpoint folder or a run folder's latest. Returns the state.json dict
+    state into `optimizer`, from a checkpoint folder or a run folder's latest. An adapter-only checkpoint loads
+    its adapters (nanolab.lora.load_adapter: the model must carry the same adapters). Returns the state.json dict
     (plus "path": the folder read)."""
     from safetensors.torch import load_model
 
     ckpt = resolve_checkpoint(path)
     state = read_state(ckpt)
-    if model is not None:
+    if model is not None and not (ckpt / MODEL_FILE).is_file():
+        from .lora import load_adapter
+
+        load_adapter(unwrap_model(model), ckpt)
+    elif model is not None:
         raw = unwrap_model(model)
         device = next(raw.parameters()).device
         try:

@@ -63,16 +63,19 @@ def make_capturable(optimizer: torch.optim.Optimizer) -> None:
 
 
 def clip_and_step(optimizer: torch.optim.Optimizer, params, grad_clip: float,
-                  bad: torch.Tensor | None = None) -> None:
+                  bad: torch.Tensor | None = None) -> torch.Tensor | None:
     """The end of every update: clip the global gradient norm to grad_clip (0: no clipping), step, set the
     gradients to None. A non-finite norm adds 1 to `bad` (a device tensor: no host sync here; the caller checks
-    it when it logs). No host sync at all, so it can run inside a captured CUDA graph."""
+    it when it logs). No host sync at all, so it can run inside a captured CUDA graph. Returns the gradient norm
+    before clipping (a device tensor), or None without clipping."""
+    norm = None
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if bad is not None:
             bad.add_((~torch.isfinite(norm)).float())
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 def lr_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int, lr_decay_iters: int) -> float:

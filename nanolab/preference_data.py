@@ -246,7 +246,7 @@ def shakespeare_preferences(text: str, n: int, prompt_chars: int, response_chars
 # -- tokenization
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_plain(tokenizer: Any, text: str) -> list[int]:
     """Token ids of `text` without special tokens (add_special_tokens=False where encode accepts it)."""
     try:
         params = inspect.signature(tokenizer.encode).parameters
@@ -273,8 +273,8 @@ def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_prompt_length:
     if max_prompt_length is not None and (isinstance(max_prompt_length, bool)
                                           or not isinstance(max_prompt_length, int) or max_prompt_length < 0):
         raise UsageError(f"max_prompt_length must be a non-negative integer or None, got {max_prompt_length!r}")
-    p = _encode(tokenizer, prompt)
-    r = _encode(tokenizer, response)
+    p = encode_plain(tokenizer, prompt)
+    r = encode_plain(tokenizer, response)
     if max_prompt_length is not None and len(p) > max_prompt_length:
         p = p[len(p) - max_prompt_length:] if truncation == "keep_end" else p[:max_prompt_length]
     room = max_length - len(p)

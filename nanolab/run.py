@@ -534,18 +534,19 @@ def save_due(step: int, start_step: int, at_end: bool, checkpoint_interval: int 
 
 def save(rd: RunDir, env: Env, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
          state: dict[str, Any], keep_last: int | None = None, tracker: Tracker | None = None,
-         run_dir: str | os.PathLike | None = None, tokenizer=None) -> Path | None:
+         run_dir: str | os.PathLike | None = None, tokenizer=None, **layout) -> Path | None:
     """Checkpoint (rank 0 writes; every rank must call it: the RNG states are gathered). state.json gets the
     caller's `state` plus the script, the run's meaning, every rank's RNG states, the world size and the wandb run
-    id; `tokenizer` is saved with it (nanolab.checkpoint.save_checkpoint). A NaN/inf in `state` stops the run
-    (Diverged) before anything is written. Returns the folder (rank 0)."""
+    id; `tokenizer` is saved with it (nanolab.checkpoint.save_checkpoint, which also takes `layout`: style,
+    adapter_only, keep_steps). A NaN/inf in `state` stops the run (Diverged) before anything is written. Returns
+    the folder (rank 0)."""
     rngs = dist.all_gather_object(rng_state())
     check_finite(state, step, rd)
     if not env.main:
         return None
     full = {"script": rd.script, "meaning": rd.meaning, "rng": rngs, "world_size": env.world_size,
             "wandb_id": tracker.wandb_id if tracker is not None else None, **state}
-    path = save_checkpoint(run_dir or rd.path, step, model, optimizer, full, keep_last, tokenizer)
+    path = save_checkpoint(run_dir or rd.path, step, model, optimizer, full, keep_last, tokenizer, **layout)
     if tracker is not None:
         tracker.print(f"saved {path}")
     return path

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .layers import lm_loss
 
@@ -107,10 +108,16 @@ class CausalLM(nn.Module):
       - with a cache: idx is written at the cache's next T slots and attends to everything cached so far;
         positions (B, T) default to the slot indices (pass them for left-padded rows);
       - last_only returns logits for the last position only, (B, 1, V) (what sampling needs);
+      - select, a bool (B, T) mask, returns logits for the selected positions only, (N, V) in row-major order
+        (what scoring a response needs: the LM head and its (B, T, V) output are the largest tensors);
       - loss is the mean cross-entropy over targets != -100, or None without targets.
     Subclasses set self.config, self.wte, self.blocks, self.ln_f, self.lm_head and implement `_embed`,
     `_cache_layout`, `_attention_flops_per_token`.
+    Setting `model.gradient_checkpointing = True` recomputes each block's activations in the backward pass
+    (torch.utils.checkpoint, training without a cache only): less memory for about one more forward.
     """
+
+    gradient_checkpointing = False
 
     def _init_weights(self) -> None:
         std = 0.02
@@ -128,7 +135,7 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, last_only: bool = False):
+                positions: torch.Tensor | None = None, last_only: bool = False, select: torch.Tensor | None = None):
         B, T = idx.shape
         if cache is None:
             if T > self.config.block_size:
@@ -141,12 +148,18 @@ class CausalLM(nn.Module):
             if positions is None:
                 positions = slots.expand(B, T)
         x, pos_info = self._embed(idx, positions)
+        recompute = self.gradient_checkpointing and cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, pos_info, None if cache is None else cache.layers[i], slots, mask)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, pos_info, None, None, None, use_reentrant=False)
+            else:
+                x = block(x, pos_info, None if cache is None else cache.layers[i], slots, mask)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:, :]
+        elif select is not None:
+            x = x[select]
         logits = self.lm_head(self.ln_f(x))
         loss = lm_loss(logits, targets) if targets is not None else None
         return logits, loss
