@@ -133,8 +133,9 @@ class TrainingSection:
     max_prompt_length: int | None = 128
     max_length: int = 256
     truncation: Literal["keep_end", "keep_start"] = "keep_end"  # which end of a long prompt is kept
+    append_eos: bool = False           # end each response with the tokenizer's EOS token (as TRL does)
     gradient_checkpointing: bool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # bfloat16: autocast, float32 weights
     device: str = "auto"
     eval_batch_size: int | None = None  # default: batch_size
 
@@ -260,18 +261,25 @@ class Examples:
 
 
 def tokenize_examples(rows: list[dict[str, Any]], tokenizer: Any, max_prompt_length: int | None, max_length: int,
-                      truncation: str = "keep_end", paired: bool = True) -> Examples:
+                      truncation: str = "keep_end", paired: bool = True, append_eos: bool = False) -> Examples:
     """Examples of rows ({"prompt", "chosen", "rejected"} or {"prompt", "completion", "label"}); an example that
-    cannot hold a response token (or has an empty prompt) is dropped and counted in .dropped."""
+    cannot hold a response token (or has an empty prompt) is dropped and counted in .dropped. append_eos: each
+    response ends with the tokenizer's EOS id (the id itself, never its text, which may encode as other tokens)."""
     if truncation not in ("keep_end", "keep_start"):
         raise UsageError(f"truncation must be 'keep_end' or 'keep_start', got {truncation!r}")
+    eos = []
+    if append_eos:
+        if getattr(tokenizer, "eot_token", None) is None:
+            raise UsageError(f"training.append_eos: the tokenizer ({tokenizer.to_dict().get('kind', '?')}) has no "
+                             "EOS token")
+        eos = [int(tokenizer.eot_token)]
     prompts, chosen, rejected, labels, dropped = [], [], [], [], 0
     for row in rows:
         p = encode_plain(tokenizer, row["prompt"])
         if max_prompt_length is not None and len(p) > max_prompt_length:
             p = p[len(p) - max_prompt_length:] if truncation == "keep_end" else p[:max_prompt_length]
-        c = encode_plain(tokenizer, row["chosen"] if paired else row["completion"])
-        r = encode_plain(tokenizer, row["rejected"]) if paired else None
+        c = encode_plain(tokenizer, row["chosen"] if paired else row["completion"]) + eos
+        r = encode_plain(tokenizer, row["rejected"]) + eos if paired else None
         if join(p, c, max_length) is None or (paired and join(p, r, max_length) is None):
             dropped += 1
             continue

@@ -120,7 +120,8 @@ def train_one(cfg: DPOConfig, entry, env: run.Env, resume: bool, rows, data_sha:
     device, world, rank = env.device, env.world_size, env.rank
     tok = model_tokenizer(entry)
     paired = cfg.dataset.format == "paired"
-    train, val = (tokenize_examples(r, tok, t.max_prompt_length, t.max_length, t.truncation, paired) for r in rows)
+    train, val = (tokenize_examples(r, tok, t.max_prompt_length, t.max_length, t.truncation, paired, t.append_eos)
+                  for r in rows)
     if not len(train):
         raise UsageError(f"{entry.name}: no training example fits max_length {t.max_length} "
                          f"({train.dropped} dropped)")
@@ -297,11 +298,20 @@ def train_one(cfg: DPOConfig, entry, env: run.Env, resume: bool, rows, data_sha:
         load_checkpoint(out / step_dir_name(st["best_step"], "checkpoint"), raw)
         tracker.print(f"final/: the weights of step {st['best_step']} (eval loss {st['best_loss']:.4f})")
     summary = {"status": "trained", "step": step, "best_step": st["best_step"], "best_eval_loss": st["best_loss"],
-               "eval": last_eval, "final": str(out / "final")}
+               "eval": last_eval, "final": str(out / "final"), "peak_rss_bytes": peak_rss(),
+               "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     if env.main:
         write_final(out / "final", raw, tok, cfg, entry, summary)
     dist.barrier()
     return summary
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def reference_cache(cfg, entry, env, model, train, val, tok, data_sha) -> dict:
@@ -360,7 +370,7 @@ def print_plan(cfg: DPOConfig, entries, rows) -> None:
     for i, e in entries:
         tok = model_tokenizer(e)
         ex = tokenize_examples(rows[0], tok, t.max_prompt_length, t.max_length, t.truncation,
-                               cfg.dataset.format == "paired")
+                               cfg.dataset.format == "paired", t.append_eos)
         per_step = t.batch_size * t.gradient_accumulation_steps
         total = t.max_steps or max(1, int(t.epochs * len(ex)) // per_step)
         print(f"  [{i}] {e.name}: {e.path} -> {Path(cfg.output_dir) / e.name}: {len(ex)} examples "

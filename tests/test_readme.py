@@ -31,6 +31,10 @@ SHRINK = {
                                        "--training.batch_size", "2", "--experiments.items.0.start_step", "2",
                                        "--model.overrides.n_layer", "1", "--model.overrides.n_embd", "32",
                                        "--model.overrides.n_head", "2"],
+    "scripts/dpo.py": ["--training.max_steps", "2", "--training.batch_size", "2", "--finetuning.eval_steps", "2",
+                       "--training.max_length", "32", "--training.max_prompt_length", "16",
+                       "--dataset.max_samples", "40"],
+    "data/prepare_preferences.py": ["--n", "100"],
     "-m nanolab.plot": [],
 }
 
@@ -68,6 +72,8 @@ def test_quick_tour_commands_run_in_order(data_dir, tmp_path):
     the RL scripts, the insertion experiment and the plot, each exiting 0."""
     for name in ("scripts", "examples"):
         (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prepare_preferences.py").symlink_to(REPO / "data" / "prepare_preferences.py")
     env = {**os.environ, "NANOLAB_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1", "NANOLAB_RUNS": str(tmp_path),
            "NANOLAB_THREADS": "1"}
     shared_bpe = REPO.parent / "shared" / "data" / "tiktoken"  # the offline GPT-2 BPE files, where CI has them
