@@ -424,3 +424,28 @@ def pair_logps_table(model: torch.nn.Module, ex: Examples, batch_size: int, devi
             logps, _ = sequence_logps(model, ids.to(device), mask.to(device))
         out[s:s + len(idx)] = logps.float().cpu().view(2, len(idx)).T
     return out
+
+
+def write_final(path: Path, model: torch.nn.Module, tokenizer: Any, state: dict[str, Any], summary: dict[str, Any],
+                adapter: bool) -> None:
+    """A finished run's folder: the LoRA adapters in PEFT's format (adapter=True; base_model_name_or_path =
+    state["base_model"]) or the weights (model.safetensors), the tokenizer's files, state.json (+ the model config
+    and the tokenizer dict, so nanolab.checkpoint.load_model_for_inference reads a full fine-tune) and
+    metrics.json (the summary). Written aside and renamed: a final folder that exists is complete."""
+    from safetensors.torch import save_model
+
+    from .fileio import atomic_path, atomic_write
+    from .lora import save_adapter
+    from .tokenizers import write_tokenizer_files
+
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        if adapter:
+            save_adapter(model, tmp, base_model_name_or_path=state.get("base_model"))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+        write_tokenizer_files(tokenizer, tmp)
+        atomic_write(tmp / "metrics.json", json.dumps(summary, indent=1))
+        atomic_write(tmp / "state.json", json.dumps({**state, "step": summary.get("step", state.get("step")),
+                                                     "model_config": model.config.to_dict(),
+                                                     "tokenizer": tokenizer.to_dict()}, indent=1))

@@ -587,6 +587,14 @@ def chunks(x: torch.Tensor, y: torch.Tensor, size: int):
         yield x[i:i + size], y[i:i + size]
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 class Throughput:
     """Training wall time between two logs, with eval/save time excluded only when they happen.
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -41,8 +40,7 @@ import torch
 from nanolab import dist, run
 from nanolab.config import load_config, to_dict
 from nanolab.errors import Diverged, UsageError
-from nanolab.fileio import atomic_path, atomic_write
-from nanolab.lora import apply_lora, disable_adapters, save_adapter
+from nanolab.lora import apply_lora, disable_adapters
 from nanolab.losses import kto_loss
 from nanolab.models import PRESETS, build_model, preset
 from nanolab.optim import build_adamw, clip_and_step, set_lr
@@ -63,9 +61,10 @@ from nanolab.preference import (
     step_indices,
     tokenize_examples,
     weights_sha256,
+    write_final,
 )
 from nanolab.preference_data import read_preferences, read_unpaired, split_validation
-from nanolab.tokenizers import load_tokenizer, write_tokenizer_files
+from nanolab.tokenizers import load_tokenizer
 from nanolab.tracking import Tracker
 
 SCRIPT = "dpo"
@@ -298,20 +297,14 @@ def train_one(cfg: DPOConfig, entry, env: run.Env, resume: bool, rows, data_sha:
         load_checkpoint(out / step_dir_name(st["best_step"], "checkpoint"), raw)
         tracker.print(f"final/: the weights of step {st['best_step']} (eval loss {st['best_loss']:.4f})")
     summary = {"status": "trained", "step": step, "best_step": st["best_step"], "best_eval_loss": st["best_loss"],
-               "eval": last_eval, "final": str(out / "final"), "peak_rss_bytes": peak_rss(),
+               "eval": last_eval, "final": str(out / "final"), "peak_rss_bytes": run.peak_rss(),
                "peak_cuda_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
-    if env.main:
-        write_final(out / "final", raw, tok, cfg, entry, summary)
+    if env.main:  # the adapters in PEFT's format (or the weights), the tokenizer, state.json, metrics.json
+        state = {"script": SCRIPT, "step": step, "base_model": entry.path, "method": pt.method,
+                 "lora": cfg.lora.enabled, "config": to_dict(cfg)}
+        write_final(out / "final", raw, tok, state, summary, adapter=cfg.lora.enabled)
     dist.barrier()
     return summary
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux reports KiB, macOS bytes)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def reference_cache(cfg, entry, env, model, train, val, tok, data_sha) -> dict:
@@ -339,25 +332,6 @@ def reference_cache(cfg, entry, env, model, train, val, tok, data_sha) -> dict:
               f"{time.perf_counter() - t0:.1f} s -> {path}", flush=True)
     dist.barrier()
     return load_reference_cache(path, sizes)
-
-
-def write_final(path: Path, model, tok, cfg: DPOConfig, entry, summary: dict) -> None:
-    """final/: the adapters (PEFT's files) or the weights, the tokenizer, state.json and metrics.json; written
-    aside and renamed, so a final/ that exists is complete."""
-    from safetensors.torch import save_model
-
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        if cfg.lora.enabled:
-            save_adapter(model, tmp, base_model_name_or_path=entry.path)
-        else:
-            save_model(model, str(tmp / "model.safetensors"))
-        write_tokenizer_files(tok, tmp)
-        atomic_write(tmp / "metrics.json", json.dumps(summary, indent=1))
-        atomic_write(tmp / "state.json", json.dumps({
-            "script": SCRIPT, "step": summary["step"], "model_config": model.config.to_dict(),
-            "tokenizer": tok.to_dict(), "base_model": entry.path, "method": cfg.post_training.method,
-            "lora": cfg.lora.enabled, "config": to_dict(cfg)}, indent=1))
 
 
 def print_plan(cfg: DPOConfig, entries, rows) -> None:

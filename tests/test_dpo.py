@@ -356,3 +356,27 @@ def test_examples_class_unpaired_partners():
     seqs, labels = ex.unpaired_of([0, 1], kl=True)
     assert seqs == [([1, 4, 5], 1), ([2, 3, 6], 2), ([2, 3, 4], 2), ([1, 6], 1)]
     assert labels.tolist() == [True, False]
+
+
+def test_example_configs_validate_and_plan(tmp_path, base, prefs, monkeypatch, capsys):
+    """examples/dpo/*.yaml load under the schema; the Shakespeare one plans on a test checkpoint, and the HH one
+    (two presets) on the HH-RLHF pairs when the offline GPT-2 BPE files are there."""
+    monkeypatch.setenv("BASE", str(base))
+    monkeypatch.setenv("DATA", str(prefs))
+    assert dpo.main(["--config", str(REPO / "examples" / "dpo" / "shakespeare.yaml"), "--dry-run"]) == 0
+    assert "char-tiny" in capsys.readouterr().out
+    from nanolab.config import load_config
+    from nanolab.preference import DPOConfig
+
+    cfg = load_config(REPO / "examples" / "dpo" / "hh_rlhf_multi.yaml", DPOConfig)
+    assert [m.name for m in cfg.models] == ["gpt2", "smollm2-135m"] and cfg.training.append_eos
+    bpe = REPO.parent / "shared" / "data" / "tiktoken"
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and not bpe.is_dir():
+        pytest.skip("no offline GPT-2 BPE files")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", os.environ.get("TIKTOKEN_CACHE_DIR", str(bpe)))
+    hh = tmp_path / "hh.jsonl"
+    write_jsonl(hh, [{"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " go away"}] * 20)
+    monkeypatch.setenv("HH", str(hh))
+    assert dpo.main(["--config", str(REPO / "examples" / "dpo" / "hh_rlhf_multi.yaml"), "--dry-run",
+                     "--model-index", "1"]) == 0
+    assert "[1] smollm2-135m" in capsys.readouterr().out
