@@ -292,9 +292,11 @@ def tokenize_examples(rows: list[dict[str, Any]], tokenizer: Any, max_prompt_len
     return Examples(prompts, chosen, rejected if paired else None, None if paired else labels, max_length, dropped)
 
 
-def collate(seqs: list[tuple[list[int], int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Right-padded ids (n, T) int64 and the response mask (n, T) bool (True on response tokens)."""
-    T = max(len(ids) for ids, _ in seqs)
+def collate(seqs: list[tuple[list[int], int]], pad_id: int = 0, multiple: int = 1) -> tuple[Tensor, Tensor]:
+    """Right-padded ids (n, T) int64 and the response mask (n, T) bool (True on response tokens); T is the longest
+    sequence rounded up to `multiple` (on a GPU, a few distinct shapes let the attention and matmul libraries reuse
+    their plans instead of building new ones for every batch; causal attention makes the padding invisible)."""
+    T = -(-max(len(ids) for ids, _ in seqs) // multiple) * multiple
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.bool)
     for i, (s, n_prompt) in enumerate(seqs):

@@ -160,6 +160,7 @@ def train_one(cfg: DPOConfig, entry, env: run.Env, resume: bool, rows, data_sha:
                   f"examples ({train.dropped + val.dropped} dropped: too long), {per_step} per step, "
                   f"steps {start} -> {total}, {world} x {device}, {env.dtype}")
 
+    pad_multiple = 64 if device.type == "cuda" and model.config.block_size % 64 == 0 else 1  # few shapes: cached plans
     raw = model  # the model under any DDP wrapper: saving, evaluation, the adapter-disabled reference
 
     def reference(m, ids, mask, split, idx):
@@ -183,7 +184,7 @@ def train_one(cfg: DPOConfig, entry, env: run.Env, resume: bool, rows, data_sha:
         else:
             seqs, labels = ex.unpaired_of(idx, pt.kto_kl)
             labels = labels.to(device)
-        ids, mask = (x.to(device, non_blocking=True) for x in collate(seqs))
+        ids, mask = (x.to(device, non_blocking=True) for x in collate(seqs, multiple=pad_multiple))
         with env.autocast:
             logps, lengths = sequence_logps(m, ids, mask)
         ref = reference(raw, ids, mask, split, idx)

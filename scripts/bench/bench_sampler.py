@@ -215,6 +215,8 @@ def bench_vs_transformers(model, device: str, dtype: torch.dtype, batches: tuple
                 first = time.perf_counter() - t0
                 t, out = timed(fn, device, reps)
                 results[label], tokens[label] = (batch * out.shape[1] / t, first), out
+                print(f"  batch {batch}, {label}: {batch * out.shape[1] / t:,.0f} tokens/s (first call {first:.1f} s)",
+                      flush=True)
             except Exception as e:  # keep going: one failing baseline must not sink the run
                 print(f"[{label}, batch {batch}] failed: {type(e).__name__}: {str(e)[:300]}")
             finally:
