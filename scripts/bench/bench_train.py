@@ -28,6 +28,28 @@ MFU from the logged steady-state rate.
 
     python scripts/bench/bench_train.py --device cuda --nanogpt ~/nanoGPT [--long_iters 850]
     python scripts/bench/bench_train.py --device cuda --big_preset olmo2-1b --big_batch_size 8
+
+--profile: torch.profiler over the REAL script. scripts/train.py is imported and its main(argv) runs in this process
+with the benchmarked run's flags (on CUDA the GPU rows' GPT2_GPU_FLAGS with --preset/--batch_size/--vocab_size/
+--no_compile applied; on CPU the first of --recipes), with evals, checkpoints and samples off, --max_iters just long
+enough for the schedule, and --train_args appended last (they win). The profiler steps once per optimizer update:
+train.py's own clip_and_step is wrapped, in the imported module only, so prof.step() runs after each update (outside
+Optimizer.step's own profiler range). The first --profile_wait + --profile_warmup updates (compilation, autotuning)
+are not recorded; the next --profile_steps are. On CUDA the device is synchronised once right before the recorded
+window (so the recorded kernels are exactly those of the recorded steps; train.py itself syncs at every log row),
+and a CUDA event after every update gives the GPU's own time per step, also for the unprofiled updates 4 to
+--profile_wait (what the step costs without the profiler, whose host overhead can starve the GPU; the run folder is a
+temporary one unless --train_args gives --out_dir). next(train_iter) is wrapped in a
+record_function ("nanolab: next(train_iter)") so the host's batch construction shows in the trace. Printed: the
+top kernels by device time, device busy vs GPU time per step (the GPU's idle share) and its largest idle gaps, host
+time per step (loop wall time and time inside profiled ops, per thread), the host syncs seen inside the steps, the
+top CPU ops by self CPU time, and device time grouped by kind (by kernel name). --profile_report writes the same
+plus torch's full key_averages tables to a file; --profile_trace writes a chrome trace (.gz: gzipped; trimmed to
+the first steps if it would exceed 15 MiB).
+
+    python scripts/bench/bench_train.py --device cuda --profile --profile_steps 20 \\
+        --profile_trace out/trace.json.gz --profile_report out/profile.txt
+    python scripts/bench/bench_train.py --device cpu --profile --profile_steps 5     # CPU smoke test
 """
 
 from __future__ import annotations
@@ -338,6 +360,410 @@ def bench_gpu(args) -> None:
           f"{NANOGPT_GPU['mfu']:>6.1%} {1.0:>10.2f}x")
 
 
+# ----------------------------------------------------------------------------- --profile: the real train.py
+
+
+# Device time by kind. The grouping is by kernel (or, on CPU, op) NAME only: lower-cased substrings, first match
+# wins, so it is a heuristic (an Inductor kernel named after a fused softmax counts as cross-entropy/softmax, a
+# cuDNN attention kernel as attention before its "sm90" could make it a matmul).
+KERNEL_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+    ("matmul", ("gemm", "cutlass", "sm90_", "sm80_", "nvjet", "xmma", "cublas", "s16816", "aten::mm", "aten::addmm",
+                "aten::bmm", "aten::matmul", "aten::linear")),
+    ("cross-entropy/softmax", ("cross_entropy", "softmax", "nll_loss")),
+    ("optimizer + grad clip", ("adam", "multi_tensor", "foreach", "lpnorm", "vector_norm", "clip_grad")),
+    ("layer/rms norm", ("layer_norm", "rms_norm", "rmsnorm")),
+)
+# host calls that wait for the device (inside a training step they stall the queue); "Command Buffer Full" is
+# the host blocked in a launch because the launch queue is full: it waits because it is AHEAD of the GPU
+SYNC_NAMES = ("synchronize", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "command buffer full")
+TRACE_LIMIT = 15 * 2**20  # bytes; a larger chrome trace is trimmed to its first steps
+
+
+def kernel_group(name: str) -> str:
+    """The KERNEL_GROUPS kind of a kernel or op name (by substring; "elementwise/other" when none matches)."""
+    low = name.lower()
+    for group, keys in KERNEL_GROUPS:
+        if any(k in low for k in keys):
+            return group
+    return "elementwise/other"
+
+
+def profile_flags(args: argparse.Namespace, total_steps: int) -> list[str]:
+    """train.py's flags for --profile: the benchmarked run's (CUDA: GPT2_GPU_FLAGS as the GPU rows run them; CPU:
+    the first of --recipes), evals / checkpoints / samples off, total_steps updates, then --train_args."""
+    import shlex
+
+    from nanolab.models import PRESETS
+
+    if args.device.startswith("cuda"):
+        flags = [*GPT2_GPU_FLAGS, "--preset", args.preset, "--batch_size", str(args.batch_size), "--vocab_size",
+                 str(args.vocab_size)]
+        if args.preset in PRESETS and PRESETS[args.preset][0] != "gpt2":  # train.py refuses --bias for others
+            i = flags.index("--bias")
+            del flags[i:i + 2]
+        if args.no_compile:
+            flags.remove("--compile")
+    else:
+        name = args.recipes.split(",")[0]
+        if name not in RECIPES:
+            raise SystemExit(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+        flags = list(RECIPES[name][0])
+    return [*flags, "--device", args.device, "--max_iters", str(total_steps), "--lr_decay_iters", str(total_steps),
+            "--log_interval", str(args.log_interval), "--eval_interval", "0", "--checkpoint_interval", "0",
+            "--sample_len", "0", *shlex.split(args.train_args or "")]
+
+
+def _load_train_script():
+    """scripts/train.py as a fresh module object (its main, get_args and the names it imported)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nanolab_train_script", REPO / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _device_sort_key() -> str:
+    """key_averages' device-time attribute: self_device_time_total (torch >= 2.4), else self_cuda_time_total."""
+    from torch.autograd.profiler_util import FunctionEventAvg
+
+    return "self_device_time_total" if hasattr(FunctionEventAvg(), "self_device_time_total") else "self_cuda_time_total"
+
+
+def _dur(e) -> float:
+    return e.time_range.end - e.time_range.start  # microseconds
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _annotation(e) -> bool:
+    """A device-timeline copy of a host annotation (ProfilerStep#N, Optimizer.step#..., a record_function range),
+    which kineto also puts on the GPU's timeline, rather than a kernel, copy or set. (Names can't tell: Inductor
+    names the host range of each Triton launch after its kernel.)"""
+    flag = getattr(e, "is_user_annotation", None)
+    if flag is not None:
+        return bool(flag)
+    return e.name.startswith(("ProfilerStep", "Optimizer.", "nanolab: "))
+
+
+def _shrink_trace(path: Path, limit: int = TRACE_LIMIT) -> str:
+    """Keep a chrome trace under `limit` bytes by dropping the events after the first steps that fit."""
+    import gzip
+
+    size = path.stat().st_size
+    if size <= limit:
+        return f"{size / 2**20:.1f} MiB"
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        trace = json.load(f)
+    evs = trace["traceEvents"] if isinstance(trace, dict) else trace
+    steps = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in evs
+                   if str(e.get("name", "")).startswith("ProfilerStep#") and e.get("ph") == "X")
+    keep = max(1, int(len(steps) * 0.8 * limit / size)) if steps else 0
+    cutoff = steps[keep - 1][1] if steps else float("inf")
+    kept = [e for e in evs if "ts" not in e or float(e["ts"]) <= cutoff]
+    if isinstance(trace, dict):
+        trace["traceEvents"] = kept
+    else:
+        trace = kept
+    with opener(path, "wt") as f:
+        json.dump(trace, f)
+    return (f"{path.stat().st_size / 2**20:.1f} MiB, trimmed to its first {keep} of {len(steps)} steps (the whole "
+            f"trace was {size / 2**20:.1f} MiB)")
+
+
+def profile_train(train_argv: list[str], device: str, wait: int, warmup: int, steps: int,
+                  peak_flops: float = H100_BF16_PEAK_FLOPS, trace: str | None = None, report: str | None = None,
+                  rows: int = 25) -> dict:
+    """Run scripts/train.py's main(train_argv) in this process under torch.profiler: `wait` + `warmup` updates
+    unrecorded, then `steps` recorded (train_argv must run at least wait + warmup + steps updates). Prints the
+    report (and writes it to `report`, with torch's full key_averages tables), exports a chrome trace to `trace`;
+    returns the summary numbers."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+    from nanolab.data import BatchIterator
+
+    cuda = torch.device(device).type == "cuda"
+    train_mod = _load_train_script()
+    tmp = tempfile.TemporaryDirectory(prefix="bench_train_profile_")  # the run folder, unless train_argv names one
+    train_argv = ["--out_dir", tmp.name, *train_argv]
+    targs = train_mod.get_args(train_argv)  # validates the flags before anything runs
+    first = wait + warmup  # updates before the recorded window
+    all_host: list[float] = []  # perf_counter after each update
+    all_events: list[torch.cuda.Event] = []  # a CUDA event after each update (no sync: stream order)
+    models: list[torch.nn.Module] = []
+    prof = None
+
+    def on_update() -> None:
+        if cuda:
+            if len(all_host) + 1 == first:
+                torch.cuda.synchronize()  # an empty queue: the window records exactly its own steps' kernels
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            all_events.append(ev)
+        all_host.append(time.perf_counter())
+        prof.step()
+
+    # Hooks, all undone afterwards; none changes what train.py computes or when it syncs. The profiler steps after
+    # train.py's clip_and_step (its one call per update), not in a global optimizer post-hook: those run inside
+    # Optimizer.step's own record_function, which prof.step() would then split across two steps.
+    orig_clip_and_step, orig_build_adamw = train_mod.clip_and_step, getattr(train_mod, "build_adamw", None)
+    orig_next = BatchIterator.__next__
+
+    def clip_and_step(*a, **k):
+        out = orig_clip_and_step(*a, **k)
+        on_update()
+        return out
+
+    def build_adamw(model, *a, **k):
+        models.append(model)  # the raw model, for its FLOPs per token
+        return orig_build_adamw(model, *a, **k)
+
+    def annotated_next(self):
+        with record_function("nanolab: next(train_iter)"):
+            return orig_next(self)
+
+    train_mod.clip_and_step = clip_and_step
+    if orig_build_adamw is not None:
+        train_mod.build_adamw = build_adamw
+    BatchIterator.__next__ = annotated_next
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    t0 = time.perf_counter()
+    try:
+        with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=steps, repeat=1),
+                     record_shapes=False, with_stack=False, profile_memory=False) as prof:
+            code = train_mod.main(train_argv)
+    finally:
+        BatchIterator.__next__ = orig_next
+        train_mod.clip_and_step = orig_clip_and_step
+        if orig_build_adamw is not None:
+            train_mod.build_adamw = orig_build_adamw
+        tmp.cleanup()
+    run_s = time.perf_counter() - t0
+    if code != 0:
+        raise SystemExit(f"train.py exited with {code} under the profiler")
+    host_t = all_host[first - 1:first + steps]  # after updates first .. first + steps: the recorded window
+    events = all_events[first - 1:first + steps]
+    n_rec = len(host_t) - 1
+    if first < 1 or n_rec < 1 or prof.profiler is None:
+        raise SystemExit(f"train.py ran {len(all_host)} updates; the profiler needs {first + steps} "
+                         "(wait + warmup + steps, wait + warmup >= 1)")
+
+    lines: list[str] = []
+    out = lines.append
+    evs = [e for e in prof.events() if not e.is_async]
+    dev = [e for e in evs if e.device_type == DeviceType.CUDA and not _annotation(e)]
+    step_evs = [e for e in evs if e.device_type == DeviceType.CPU and e.name.startswith("ProfilerStep")]
+    step_ids = {id(e) for e in step_evs}
+    main_thread = step_evs[0].thread if step_evs else None
+    lo = min((e.time_range.start for e in step_evs), default=float("-inf"))
+    hi = max((e.time_range.end for e in step_evs), default=float("inf"))
+    # host events inside the recorded steps, all threads (not the profiler's own sync when it stops)
+    cpu = [e for e in evs if e.device_type == DeviceType.CPU and lo <= e.time_range.start and e.time_range.end <= hi]
+    host_ms = [(b - a) * 1e3 for a, b in zip(host_t, host_t[1:])]
+    gpu_ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])] if cuda else []
+    # the same clocks before the profiler started: updates 4 .. wait (after compilation), nothing recorded
+    base = list(range(3, wait))  # indices of updates 4 .. wait
+    base_host = [(all_host[i] - all_host[i - 1]) * 1e3 for i in base]
+    base_gpu = [all_events[i - 1].elapsed_time(all_events[i]) for i in base] if cuda else []
+    step_ms = gpu_ms or host_ms
+    steady = step_ms[1:] if len(step_ms) > 1 else step_ms  # the first recorded step starts on an empty queue
+    summary: dict = {"device": device, "train_argv": train_argv, "recorded_steps": n_rec, "run_s": run_s,
+                     "host_ms_per_step": host_ms, "gpu_ms_per_step": gpu_ms, "unprofiled_host_ms_per_step": base_host,
+                     "unprofiled_gpu_ms_per_step": base_gpu}
+    model = models[0] if models else None
+    block = targs.block_size or (model.config.block_size if model is not None else 0)
+    tokens = targs.batch_size * block * targs.gradient_accumulation_steps
+
+    out(f"\n=== torch.profiler over scripts/train.py ({device}): updates 1-{first} not recorded, {n_rec} recorded "
+        f"(updates {first + 1}-{first + n_rec}); the whole run took {run_s:.1f} s")
+    out("train.py " + " ".join(train_argv))
+    logs = [s for s in range(first, first + n_rec) if s % targs.log_interval == 0]  # the row follows the update
+    out(f"train.py's log rows inside the window (each reads the loss and the NaN flag: a host sync): after updates "
+        f"{logs or 'none'} (--log_interval {targs.log_interval})")
+
+    # --- per step: the device's time vs its busy time; the host's ---
+    busy_us = sum(b - a for a, b in _merge([(e.time_range.start, e.time_range.end) for e in dev]))
+    kern_us = sum(_dur(e) for e in dev)
+    mean_steady = statistics.mean(steady)
+    out("\n-- time per step (ms) --")
+    if cuda:
+        out("GPU time per update (CUDA events after each update, in stream order: includes the GPU's idle gaps): "
+            f"median {statistics.median(gpu_ms):.2f}, mean {statistics.mean(gpu_ms):.2f}, steady mean (without the "
+            f"first, which starts on the drained queue) {mean_steady:.2f}")
+        out("  per step: " + " ".join(f"{x:.2f}" for x in gpu_ms))
+        busy = busy_us / 1e3 / n_rec
+        out(f"device busy (union of kernels + copies) {busy:.2f} ms/step (sum of kernel times {kern_us / 1e3 / n_rec:.2f}"
+            f"): idle {mean_steady - busy:.2f} ms/step = {1 - busy / mean_steady:.1%} of the steady step (the "
+            "profiler's host cost can starve the GPU: see the unprofiled step below)")
+        summary.update(busy_ms_per_step=busy, gpu_ms_steady=mean_steady, idle_frac=1 - busy / mean_steady)
+        if model is not None:
+            fpt = model.flops_per_token(block)
+            m = fpt * tokens / (mean_steady / 1e3) / peak_flops
+            mb = fpt * tokens / (busy / 1e3) / peak_flops if busy > 0 else float("nan")
+            out(f"MFU at {peak_flops / 1e12:.0f} TFLOP/s, {tokens:,} tokens/step: {m:.1%} at the steady step time; "
+                f"{mb:.1%} if the GPU never idled (busy time only)")
+            summary.update(mfu=m, mfu_busy_only=mb)
+    out(f"host loop time per update (perf_counter between update ends): median {statistics.median(host_ms):.2f}, "
+        f"mean {statistics.mean(host_ms):.2f}" + (" (host times include the profiler's own cost per op, a few us "
+                                                 "each; the GPU's numbers don't. The host runs ahead of the GPU when "
+                                                 "this is below the GPU time; it then waits in a full launch queue "
+                                                 "or a sync)" if cuda else ""))
+    if not cuda:
+        out("  per step: " + " ".join(f"{x:.2f}" for x in host_ms))
+    if base:
+        out(f"the same before the profiler started (updates 4-{wait}, nothing recorded: what the profiler costs)" +
+            (f": GPU time per update median {statistics.median(base_gpu):.2f} (" +
+             " ".join(f"{x:.2f}" for x in base_gpu) + ")," if cuda else ":") +
+            f" host loop median {statistics.median(base_host):.2f}")
+        if cuda:
+            real = statistics.median(base_gpu)
+            line = (f"=> against that unprofiled step, the kernels' busy time leaves {real - busy:.2f} ms/step idle "
+                    f"({1 - busy / real:.1%})")
+            if model is not None:
+                m0 = fpt * tokens / (real / 1e3) / peak_flops
+                line += f"; MFU {m0:.1%} unprofiled"
+                summary.update(mfu_unprofiled=m0)
+            out(line)
+            summary.update(gpu_ms_unprofiled=real, idle_frac_unprofiled=1 - busy / real)
+    threads: dict[int, float] = {}
+    for e in cpu:  # top-level ops of each thread (the main thread's sit under ProfilerStep#N)
+        if id(e) in step_ids or (e.cpu_parent is not None and not e.cpu_parent.name.startswith("ProfilerStep")):
+            continue
+        threads[e.thread] = threads.get(e.thread, 0.0) + _dur(e)
+    for t, us in sorted(threads.items(), key=lambda kv: -kv[1]):
+        who = "main thread" if t == main_thread else f"thread {t}" + (" (autograd's device thread: backward)"
+                                                                       if cuda else "")
+        out(f"host time inside profiled ops, {who}: {us / 1e3 / n_rec:.2f} ms/step")
+    summary["host_ops_ms_per_step"] = {str(t): us / 1e3 / n_rec for t, us in threads.items()}
+    step_self = sum(e.self_cpu_time_total for e in step_evs)
+    out(f"main thread outside recorded ops (Python: train.py's loop, Dynamo's guards, tqdm, ...; on CUDA also its "
+        f"wait in loss.backward() while the autograd thread runs the backward): {step_self / 1e3 / n_rec:.2f} ms/step")
+    nxt = [e for e in cpu if e.name == "nanolab: next(train_iter)"]
+    if nxt:
+        out(f"next(train_iter) (numpy gather, int64, pin + copy): {sum(map(_dur, nxt)) / 1e3 / n_rec:.3f} ms/step "
+            f"on the host, {len(nxt) / n_rec:.0f} per step")
+
+    # --- host syncs inside the steps ---
+    syncs: dict[str, list[float]] = {}
+    for e in cpu:
+        if any(k in e.name.lower() for k in SYNC_NAMES):
+            syncs.setdefault(e.name, []).append(_dur(e))
+    out("\n-- host calls that wait for the device, inside the recorded steps" +
+        (" --" if cuda else " (on CPU they wait for nothing: e.g. the CPU fused AdamW's reads of step counts) --"))
+    if syncs:
+        for name, ds in sorted(syncs.items(), key=lambda kv: -sum(kv[1])):
+            out(f"  {name:<40} {len(ds):>4} calls ({len(ds) / n_rec:.2f}/step), {sum(ds) / 1e3 / n_rec:.3f} ms/step")
+    else:
+        out("  none")
+    summary["syncs"] = {k: len(v) for k, v in syncs.items()}
+
+    # --- (1) kernels by device time ---
+    if cuda:
+        per: dict[str, list[float]] = {}
+        for e in dev:
+            per.setdefault(e.name, []).append(_dur(e))
+        out(f"\n-- top {rows} device kernels by total time ({len(per)} distinct, {len(dev) / n_rec:.0f} per step) --")
+        out(f"{'ms/step':>8} {'% dev':>6} {'calls/st':>8} {'avg us':>8}  kernel")
+        for name, ds in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+            out(f"{sum(ds) / 1e3 / n_rec:>8.3f} {sum(ds) / kern_us:>6.1%} {len(ds) / n_rec:>8.1f} "
+                f"{statistics.mean(ds):>8.1f}  {name[:110]}")
+        summary["top_kernels"] = {n: sum(d) / 1e3 / n_rec for n, d in sorted(per.items(), key=lambda kv: -sum(kv[1]))[:rows]}
+        # the device's largest idle gaps, with the kernels around them
+        order = sorted(dev, key=lambda e: e.time_range.start)
+        gaps, end, last = [], None, None
+        for e in order:
+            if end is not None and e.time_range.start > end:
+                gaps.append((e.time_range.start - end, last.name, e.name))
+            if end is None or e.time_range.end > end:
+                end, last = e.time_range.end, e
+        total_gap = sum(g for g, _, _ in gaps)
+        out(f"\n-- device idle gaps: {len(gaps) / n_rec:.0f} per step, {total_gap / 1e3 / n_rec:.2f} ms/step; "
+            f"{sum(g for g, _, _ in gaps if g > 20) / 1e3 / n_rec:.2f} ms/step in gaps > 20 us; the largest --")
+        for g, before, after in sorted(gaps, reverse=True)[:8]:
+            out(f"  {g:>8.1f} us  after {before[:48]}  before {after[:48]}")
+
+    # --- (4) device time by kind (CPU: self CPU time of the ops, by op name) ---
+    groups: dict[str, float] = {}
+    if cuda:
+        for e in dev:
+            groups[kernel_group(e.name)] = groups.get(kernel_group(e.name), 0.0) + _dur(e)
+        denom, what = kern_us, "device time"
+    else:
+        for e in cpu:
+            key = ("host: Python outside ops" if id(e) in step_ids else "host: " + e.name[9:]
+                   if e.name.startswith("nanolab: ") else kernel_group(e.name))
+            groups[key] = groups.get(key, 0.0) + e.self_cpu_time_total
+        denom, what = sum(groups.values()), "self CPU time (all threads)"
+    out(f"\n-- {what} by kind (grouped by kernel/op NAME substrings: a heuristic, see KERNEL_GROUPS) --")
+    for g, us in sorted(groups.items(), key=lambda kv: -kv[1]):
+        out(f"  {g:<26} {us / 1e3 / n_rec:>8.3f} ms/step {us / max(denom, 1e-9):>6.1%}")
+    summary["groups_ms_per_step"] = {g: us / 1e3 / n_rec for g, us in groups.items()}
+
+    # --- (3) CPU ops by self CPU time, inside the recorded steps ---
+    dkey = _device_sort_key()
+    ops: dict[str, list[float]] = {}  # name -> [self CPU us, CPU us, calls, self device us]
+    for e in cpu:
+        o = ops.setdefault(e.name, [0.0, 0.0, 0, 0.0])
+        o[0] += e.self_cpu_time_total
+        o[1] += _dur(e)
+        o[2] += 1
+        o[3] += getattr(e, dkey, 0) if cuda else 0
+    out("\n-- top CPU ops by self CPU time (all threads) --")
+    out(f"{'self ms/st':>10} {'total ms/st':>11} {'calls/st':>8} {'dev ms/st':>9}  op")
+    for name, (self_us, tot_us, calls, dev_us) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:15]:
+        out(f"{self_us / 1e3 / n_rec:>10.3f} {tot_us / 1e3 / n_rec:>11.3f} {calls / n_rec:>8.1f} "
+            f"{dev_us / 1e3 / n_rec:>9.3f}  {name[:80]}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+
+    if report:
+        avgs = prof.key_averages()
+        tables = [f"\n=== torch key_averages ({n_rec} recorded steps, and the profiler's stop; times are totals "
+                  "over them) ==="]
+        if cuda:  # the kernels' table: the averages of device events alone
+            kernels = EventList([a for a in avgs if a.device_type == DeviceType.CUDA and not _annotation(a)],
+                                use_device="cuda")
+            tables += ["\n-- device kernels by device time --",
+                       kernels.table(sort_by=dkey, row_limit=60, max_name_column_width=120)]
+            tables += ["\n-- ops by self device time --", avgs.table(sort_by=dkey, row_limit=40,
+                                                                      max_name_column_width=80)]
+        tables += ["\n-- ops by self CPU time --",
+                   avgs.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=80)]
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        Path(report).write_text(text + "\n" + "\n".join(tables) + "\n")
+        print(f"report and key_averages tables: {report}")
+    if trace:
+        path = Path(trace)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        print(f"chrome trace: {path} ({_shrink_trace(path)}; open in https://ui.perfetto.dev or chrome://tracing)")
+    return summary
+
+
+def bench_profile(args: argparse.Namespace) -> None:
+    """--profile: the benchmarked train.py run, in this process, under torch.profiler."""
+    cuda = args.device.startswith("cuda")
+    wait = args.profile_wait if args.profile_wait is not None else (10 if cuda else 6)
+    total = wait + args.profile_warmup + args.profile_steps
+    summary = profile_train(profile_flags(args, total), args.device, wait, args.profile_warmup, args.profile_steps,
+                            args.peak_flops, args.profile_trace, args.profile_report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -349,7 +775,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU: OMP_NUM_THREADS for the runs (default: torch's, one per core; 1 is far faster on a "
                         "machine shared with other jobs)")
-    p.add_argument("--json", default=None, help="CPU: also write the results to this JSON file")
+    p.add_argument("--json", default=None,
+                   help="CPU and --profile: also write the results (--profile: its summary numbers) to this JSON file")
     p.add_argument("--nanogpt", default=None, metavar="DIR",
                    help="CPU: a nanoGPT checkout (data prepared): also run its train.py, once per seed slot before "
                         "ours, as the wall-time baseline of this run")
@@ -366,14 +793,42 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peak_flops", type=float, default=H100_BF16_PEAK_FLOPS, help="GPU: peak FLOP/s for MFU")
     p.add_argument("--short_iters", type=int, default=20, help="GPU: the warm-up run's iterations (default: 20)")
     p.add_argument("--long_iters", type=int, default=850, help="GPU: the timed run's iterations (default: 850)")
-    p.add_argument("--log_interval", type=int, default=50, help="GPU: train.py's log interval (default: 50)")
+    p.add_argument("--log_interval", type=int, default=50,
+                   help="GPU and --profile: train.py's log interval (default: 50)")
     p.add_argument("--big_preset", default=None, help="GPU: also run train.py with this preset (e.g. olmo2-1b)")
     p.add_argument("--big_batch_size", type=int, default=8, help="GPU: --big_preset's batch (default: 8)")
     p.add_argument("--big_block_size", type=int, default=2048, help="GPU: --big_preset's context (default: 2048)")
     p.add_argument("--big_iters", type=int, default=60, help="GPU: --big_preset's iterations (default: 60)")
     p.add_argument("--step_only", action="store_true", help="GPU: only the in-process step rows")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the tables: run scripts/train.py's main() in this process under torch.profiler "
+                        "(the benchmarked run's flags: on CUDA the GPU rows', with --preset/--batch_size/"
+                        "--vocab_size/--no_compile/--log_interval; on CPU the first of --recipes) and print where "
+                        "each step's time goes (see the description above)")
+    p.add_argument("--profile_steps", type=int, default=20,
+                   help="--profile: optimizer updates recorded (default: %(default)s)")
+    p.add_argument("--profile_wait", type=int, default=None,
+                   help="--profile: updates first, not recorded (compilation, autotuning; default: 10 on CUDA, 6 on "
+                        "CPU); updates 4 on of them also time the run without the profiler")
+    p.add_argument("--profile_warmup", type=int, default=2,
+                   help="--profile: then updates with the profiler on but discarded, as torch.profiler.schedule's "
+                        "warmup (default: %(default)s)")
+    p.add_argument("--profile_trace", default=None, metavar="PATH",
+                   help="--profile: also write a chrome trace of the recorded steps (PATH ending .gz: gzipped; "
+                        "trimmed to its first steps if over 15 MiB)")
+    p.add_argument("--profile_report", default=None, metavar="PATH",
+                   help="--profile: also write the printed report plus torch's full key_averages tables (kernels "
+                        "by device time, ops by self device and self CPU time) to this text file")
+    p.add_argument("--train_args", default="", metavar="FLAGS",
+                   help="--profile: more train.py flags, appended last so they win (one string, given with '=', "
+                        "e.g. --train_args='--log_interval 10 --gradient_accumulation_steps 2')")
     p.add_argument("--scripts_only", action="store_true", help="GPU: only the subprocess rows")
     args = p.parse_args(argv)
+    if args.profile:
+        if min(args.profile_steps, args.profile_warmup, args.profile_wait or 0) < 0 or args.profile_steps < 1:
+            p.error("--profile_steps must be positive; --profile_wait and --profile_warmup non-negative")
+        bench_profile(args)
+        return
     cuda = args.device.startswith("cuda")
     if cuda and not args.step_only:
         bench_gpu_scripts(args)
