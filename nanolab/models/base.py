@@ -108,6 +108,9 @@ class CausalLM(nn.Module):
       - with a cache: idx is written at the cache's next T slots and attends to everything cached so far;
         positions (B, T) default to the slot indices (pass them for left-padded rows);
       - last_only returns logits for the last position only, (B, 1, V) (what sampling needs);
+      - attn_mask, a bool (B, 1, T, T) (True = may attend; without a cache only) replaces the causal mask: packed
+        rows pass causal & same-example masks (with positions restarting at 0 per example) so no token attends
+        across examples;
       - select, a bool (B, T) mask, returns logits for the selected positions only, (N, V) in row-major order
         (what scoring a response needs: the LM head and its (B, T, V) output are the largest tensors);
       - loss is the mean cross-entropy over targets != -100, or None without targets.
@@ -135,12 +138,13 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, last_only: bool = False, select: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, last_only: bool = False, select: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None):
         B, T = idx.shape
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-            mask, slots = None, None
+            mask, slots = attn_mask, None
             if positions is None:
                 positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T): broadcast, cheap backward
         else:
@@ -151,7 +155,7 @@ class CausalLM(nn.Module):
         recompute = self.gradient_checkpointing and cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, pos_info, None, None, None, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, pos_info, None, None, mask, use_reentrant=False)
             else:
                 x = block(x, pos_info, None if cache is None else cache.layers[i], slots, mask)
         if cache is not None:
