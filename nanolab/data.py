@@ -155,8 +155,11 @@ def load_tokens(path: str | os.PathLike, vocab_size: int | None = None) -> np.me
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def prepare_shakespeare(tokenizer_kind: str | Any = "char", data_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def prepare_shakespeare(tokenizer_kind: str | Any = "char", data_dir: str | os.PathLike | None = None,
+                        text_file: str | os.PathLike | None = None) -> dict[str, Any]:
     """Tokenize tiny Shakespeare into tinyshakespeare/<kind>/{train,val}.bin + meta.json, unless already there.
+    text_file: any UTF-8 text instead, prepared the same way into text-<sha256 of the text, 12 hex>/<kind>/ (a
+    char vocabulary is then the text's own characters).
 
     char: vocabulary = sorted set of the whole text (65 chars); the split is made on the text, so
           train/val = 1,003,854 / 111,540 tokens.
@@ -175,10 +178,19 @@ def prepare_shakespeare(tokenizer_kind: str | Any = "char", data_dir: str | os.P
         tokenizer_kind = f"{d.get('kind', 'tok')}-{digest[:12]}"
     elif tokenizer_kind not in ("char", "gpt2"):
         raise ValueError(f"tokenizer_kind must be 'char', 'gpt2' or a tokenizer; got {tokenizer_kind!r}")
-    out = resolve_data_dir(data_dir) / "tinyshakespeare" / tokenizer_kind
+    text, source = None, SHAKESPEARE_URL
+    if text_file is not None:
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--text_file {text_file}: cannot read it as UTF-8 text ({e})") from e
+        if len(text) < 100:
+            raise UsageError(f"--text_file {text_file}: {len(text)} characters, too few to split into train/val")
+        folder, source = f"text-{hashlib.sha256(text.encode()).hexdigest()[:12]}", str(text_file)
+    out = resolve_data_dir(data_dir) / (folder if text_file is not None else "tinyshakespeare") / tokenizer_kind
     paths = {"train": out / "train.bin", "val": out / "val.bin", "meta": out / "meta.json"}
     if not all(p.is_file() for p in paths.values()):
-        text = load_shakespeare(data_dir)
+        text = text if text is not None else load_shakespeare(data_dir)
         train_text, val_text = split_train_val(text, 0.1)
         if given is not None:
             tok = given
@@ -196,7 +208,7 @@ def prepare_shakespeare(tokenizer_kind: str | Any = "char", data_dir: str | os.P
             "vocab_size": tok.vocab_size,
             "dtype": token_dtype(tok.vocab_size).name,
             "num_tokens": counts,
-            "source": SHAKESPEARE_URL,
+            "source": source,
             "val_fraction": 0.1,
         }
         atomic_write(paths["meta"], json.dumps(meta, indent=1, ensure_ascii=False) + "\n")

@@ -257,14 +257,14 @@ def setup(device: str = "auto", dtype: str = "auto", deterministic: bool = False
     return Env(rank, local_rank, world_size, dev, dtype, autocast)
 
 
-def prepare_data(env: Env, dataset, data_dir: str | None) -> dict[str, Any]:
+def prepare_data(env: Env, dataset, data_dir: str | None, text_file: str | None = None) -> dict[str, Any]:
     """nanolab.data.prepare_shakespeare on rank 0 first (it tokenizes once), then on the others (they read).
-    dataset: "char", "gpt2" or a tokenizer object."""
+    dataset: "char", "gpt2" or a tokenizer object; text_file: a text of one's own instead of tiny Shakespeare."""
     from .data import prepare_shakespeare
 
-    info = prepare_shakespeare(dataset, data_dir) if env.main else None
+    info = prepare_shakespeare(dataset, data_dir, text_file) if env.main else None
     dist.barrier()
-    return info if env.main else prepare_shakespeare(dataset, data_dir)
+    return info if env.main else prepare_shakespeare(dataset, data_dir, text_file)
 
 
 def seed_everything(seed: int) -> None:
@@ -426,6 +426,24 @@ def model_tokenizer(init_from: str):
     if not state.get("tokenizer"):
         raise UsageError(f"--init_from {path}: the checkpoint's state.json records no tokenizer")
     return load_tokenizer(state["tokenizer"], folder=state["path"])
+
+
+def inference_model(path: str, device: torch.device, dtype: torch.dtype | None = None):
+    """(model in eval mode on `device` in `dtype`, its tokenizer) from a Hugging Face folder or a nanolab checkpoint
+    / run folder; what evaluation and serving scripts load."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--model {path}: no such file or folder")
+    tokenizer = model_tokenizer(path)
+    if (p / "config.json").is_file():
+        from .hf import import_hf
+
+        model = import_hf(str(p), dtype=dtype)
+    else:
+        from .checkpoint import load_model_for_inference
+
+        model = load_model_for_inference(p, dtype=dtype)[0]
+    return model.to(device).eval(), tokenizer
 
 
 def check_vocab(model: CausalLM, tokenizer, exact: bool = False) -> None:

@@ -48,6 +48,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--dataset", choices=["char", "gpt2", "model"], default="char",
       help="tiny Shakespeare tokenized by characters, by GPT-2's BPE, or by --init_from's own tokenizer (model: a "
            "Hugging Face folder's tokenizer files, or a nanolab checkpoint's)")
+    a("--text_file", default=None, help="train on this UTF-8 text instead of tiny Shakespeare (split 90/10; char: "
+                                        "its own characters form the vocabulary)")
     a("--batch_size", type=int, default=12, help="sequences per micro-batch per rank")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step, per rank")
     run.add_model_args(p, FAMILIES)
@@ -83,12 +85,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args) -> int:
     env = run.setup(args.device, args.dtype, args.deterministic)
     device, autocast = env.device, env.autocast
-    meaning = {k: getattr(args, k) for k in ("dataset", "batch_size", "gradient_accumulation_steps", "block_size",
+    meaning = {k: getattr(args, k) for k in ("dataset", "text_file", "batch_size", "gradient_accumulation_steps", "block_size",
                                              "model", "preset", "n_layer", "n_head", "n_embd", "vocab_size", "bias",
                                              "activation")}
     rd = run.open_run(args.out_dir, env, "train", args.resume, meaning, args)
     info = run.prepare_data(env, run.model_tokenizer(args.init_from) if args.dataset == "model" else args.dataset,
-                            args.data_dir)
+                            args.data_dir, args.text_file)
     tokenizer = info["tokenizer"]
     train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
 

@@ -168,3 +168,23 @@ def test_init_from_checkpoint_and_hf_folder(train, data_dir, tmp_path, monkeypat
     assert train.main(base + ["--max_iters", "0", "--init_from", str(tmp_path / "hf"),
                               "--out_dir", str(tmp_path / "ft_hf")]) == 0
     assert abs(losses(tmp_path / "ft_hf")[0][2] - losses(src)[-1][2]) < 1e-5
+
+
+def test_text_file_replaces_shakespeare(train, tmp_path, one_thread, capsys):
+    """--text_file: any text, split 90/10, its own characters as the vocabulary; a bad file is one error."""
+    text = "".join(f"{a}+{b}={a + b}\n" for a in range(40) for b in range(40))
+    (tmp_path / "arith.txt").write_text(text)
+    args = TINY + ["--batch_size", "2", "--sample_len", "0", "--eval_interval", "4", "--max_iters", "4",
+                   "--text_file", str(tmp_path / "arith.txt"), "--data_dir", str(tmp_path / "data")]
+    assert train.main(args + ["--out_dir", str(tmp_path / "run")]) == 0
+    from nanolab.checkpoint import read_state
+
+    tok = read_state(tmp_path / "run")["tokenizer"]
+    assert tok["kind"] == "char" and set(tok["chars"]) == set(text)
+    (folder,) = (tmp_path / "data").glob("text-*/char/meta.json")
+    meta = json.loads(folder.read_text())
+    assert meta["num_tokens"]["train"] + meta["num_tokens"]["val"] == len(text)
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe" * 100)
+    bad = [a if a != str(tmp_path / "arith.txt") else str(tmp_path / "bad.txt") for a in args]
+    assert train.main(bad + ["--out_dir", str(tmp_path / "bad")]) == 2
+    assert "cannot read it as UTF-8" in capsys.readouterr().err
