@@ -227,6 +227,32 @@ def prepare_shakespeare(tokenizer_kind: str | Any = "char", data_dir: str | os.P
 # ----------------------------------------------------------------------------- batches
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The example order of one epoch: a permutation of range(n) fixed by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
+    """The examples of optimizer step `step`: stream positions step * per_step ... + per_step - 1, position q being
+    example epoch_order(n, seed, q // n)[q % n]. A pure function of the step, so a resumed run continues exactly."""
+    out, q, end = [], step * per_step, (step + 1) * per_step
+    while q < end:
+        e, i = divmod(q, n)
+        take = min(end - q, n - i)
+        out.extend(epoch_order(n, seed, e)[i:i + take].tolist())
+        q += take
+    return out
+
+
+
 def _to_device(x: torch.Tensor, device: str | torch.device) -> torch.Tensor:
     device = torch.device(device)
     if device.type == "cuda":  # pinned host memory lets the copy overlap with compute

@@ -85,18 +85,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor | float:
-    """Mean of x over ranks (a float in, a float out; a tensor is reduced on a copy and returned)."""
+def all_reduce_sum(x: torch.Tensor | float) -> torch.Tensor | float:
+    """Sum of x over ranks (a float in, a float out; a tensor is reduced on a copy and returned)."""
     if not is_distributed():
         return x
     if isinstance(x, torch.Tensor):
         t = x.detach().clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t / dist.get_world_size()
+        return t
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(float(x), dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+    return t.item()
+
+
+def all_reduce_mean(x: torch.Tensor | float) -> torch.Tensor | float:
+    """Mean of x over ranks (a float in, a float out; a tensor is reduced on a copy and returned)."""
+    if not is_distributed():
+        return x
+    return all_reduce_sum(x) / dist.get_world_size()
 
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:

@@ -212,6 +212,20 @@ def unmerge_adapters(model: nn.Module) -> None:
         m.unmerge()
 
 
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain model (no LoRA modules) on the CPU whose weights are W + s B A; the trained model is unchanged.
+    What a final checkpoint of a LoRA run holds, so every script reads it as an ordinary model."""
+    from .models import build_model
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if ".lora_" not in k}
+    with torch.no_grad():
+        for name, m in _require_lora(model, "merged_copy").items():
+            state[f"{name}.weight"] = (m.weight + m.delta_weight()).cpu()
+    plain = build_model(model.config)
+    plain.load_state_dict(state)
+    return plain
+
+
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base function h = W x + b (e.g. the reference policy of DPO),

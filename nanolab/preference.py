@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -305,23 +304,6 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int = 0, multiple: int = 
     return ids, mask
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The example order of one epoch: a permutation of range(n) fixed by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def step_indices(n: int, seed: int, step: int, per_step: int) -> list[int]:
-    """The examples of optimizer step `step`: stream positions step * per_step ... + per_step - 1, position q being
-    example epoch_order(n, seed, q // n)[q % n]. A pure function of the step, so a resumed run continues exactly."""
-    out, q, end = [], step * per_step, (step + 1) * per_step
-    while q < end:
-        e, i = divmod(q, n)
-        take = min(end - q, n - i)
-        out.extend(epoch_order(n, seed, e)[i:i + take].tolist())
-        q += take
-    return out
-
-
 # ----------------------------------------------------------------------------- log-probs and losses
 
 
@@ -361,14 +343,6 @@ def lr_for(t: TrainingSection, step: int, total: int) -> float:
 
 
 # ----------------------------------------------------------------------------- the reference cache
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

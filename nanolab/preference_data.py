@@ -50,13 +50,13 @@ T = TypeVar("T")
 # -- reading
 
 
-def _check_max_samples(max_samples: int | None) -> None:
+def check_max_samples(max_samples: int | None) -> None:
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
                                     or max_samples < 1):
         raise UsageError(f"max_samples must be a positive integer or None, got {max_samples!r}")
 
 
-def _iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSONL(.gz) file; UsageError on bad lines."""
     path = Path(path)
     if not path.is_file():
@@ -80,7 +80,7 @@ def _iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         raise UsageError(f"{path}: not a readable gzip file ({e})") from None
 
 
-def _get(obj: dict, key: str, kind: type, where: str) -> Any:
+def get_field(obj: dict, key: str, kind: type, where: str) -> Any:
     """obj[key], checked to be of `kind` (bool is not accepted as a str, nor int as a bool)."""
     if key not in obj:
         raise UsageError(f"{where}: missing column {key!r} (columns: {', '.join(map(repr, obj)) or 'none'})")
@@ -93,13 +93,13 @@ def _get(obj: dict, key: str, kind: type, where: str) -> Any:
 
 def _read_rows(path: str | os.PathLike, columns: dict[str, tuple[str, type]],
                max_samples: int | None) -> list[dict[str, Any]]:
-    """Rows {name: value} of a JSONL(.gz) file, each value read from its column with its type checked (see _get);
+    """Rows {name: value} of a JSONL(.gz) file, each value read from its column with its type checked (see get_field);
     at most max_samples rows, in file order; an empty dataset is an error."""
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     rows: list[dict[str, Any]] = []
-    for lineno, obj in _iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
-        rows.append({name: _get(obj, column, kind, where) for name, (column, kind) in columns.items()})
+        rows.append({name: get_field(obj, column, kind, where) for name, (column, kind) in columns.items()})
         if max_samples is not None and len(rows) >= max_samples:
             break
     if not rows:
@@ -176,12 +176,12 @@ def hh_rlhf_pair(chosen_dialogue: str, rejected_dialogue: str) -> dict[str, str]
 def read_hh_rlhf(path: str | os.PathLike, max_samples: int | None = None) -> tuple[list[dict[str, str]], int]:
     """(pairs, skipped) from an HH-RLHF JSONL(.gz) file (columns "chosen" and "rejected", full dialogues); see
     hh_rlhf_pair. max_samples caps the pairs kept. UsageError (file:line) for a row without an Assistant turn."""
-    _check_max_samples(max_samples)
+    check_max_samples(max_samples)
     rows: list[dict[str, str]] = []
     skipped = 0
-    for lineno, obj in _iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
-        chosen, rejected = _get(obj, "chosen", str, where), _get(obj, "rejected", str, where)
+        chosen, rejected = get_field(obj, "chosen", str, where), get_field(obj, "rejected", str, where)
         try:
             pair = hh_rlhf_pair(chosen, rejected)
         except ValueError as e:

@@ -39,6 +39,7 @@ import torch
 
 from nanolab import dist, run
 from nanolab.config import load_config, to_dict
+from nanolab.data import file_sha256, step_indices
 from nanolab.errors import Diverged, UsageError
 from nanolab.lora import apply_lora, disable_adapters
 from nanolab.losses import kto_loss
@@ -51,14 +52,12 @@ from nanolab.preference import (
     Examples,
     cache_key,
     collate,
-    file_sha256,
     load_reference_cache,
     lr_for,
     pair_logps_table,
     pair_loss,
     save_reference_cache,
     sequence_logps,
-    step_indices,
     tokenize_examples,
     weights_sha256,
     write_final,

@@ -19,15 +19,14 @@ import yaml
 from safetensors.torch import load_file
 
 from nanolab.checkpoint import load_checkpoint, save_checkpoint, step_dirs
+from nanolab.data import epoch_order, step_indices
 from nanolab.losses import token_logprobs
 from nanolab.models import build_model, preset
 from nanolab.preference import (
     METHODS,
     Examples,
     collate,
-    epoch_order,
     sequence_logps,
-    step_indices,
     tokenize_examples,
 )
 from nanolab.preference_data import shakespeare_preferences, write_jsonl
