@@ -43,11 +43,12 @@ setup(
     version="0.1.0",
     description="A minimal, from-scratch PyTorch kit for language-model training research",
     packages=find_packages(include=["nanolab", "nanolab.*"]),
+    package_data={"nanolab": ["prompts/*.prompt"]},
     python_requires=">=3.10",
     install_requires=["torch", "numpy", "tiktoken", "h5py", "tqdm", "sympy", "safetensors", "pyyaml"],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers", "sortedcontainers", "matplotlib", "tokenizers",
-                 "jinja2>=3.1.6", "peft"],
+                 "jinja2>=3.1.6", "peft", "math-verify"],  # oracles only
         "hf": ["tokenizers", "jinja2>=3.1.6"],  # Hugging Face tokenizer folders and chat templates
         "wandb": ["wandb"],
         "plot": ["matplotlib"],

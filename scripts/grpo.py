@@ -6,6 +6,7 @@
         --vocab_size 512 --prompt_text $'\\n' --learning_rate 3e-3 --iters 30     # toy, CPU ~1 min: reward 0.05 -> 0.87
     python scripts/grpo.py --task reward_fn --reward_fn mypkg.rewards:score --stop '<|endoftext|>'
     python scripts/grpo.py --init_from path/to/hf_gpt2 --task reward_fn ...       # a transformers GPT-2 folder
+    python scripts/grpo.py --init_from out/sft --task math --math_data gsm8k --math_prompt r1_zero --stop '<|endoftext|>'
     torchrun --standalone --nproc_per_node=2 scripts/grpo.py ...                  # DDP: each rank its own prompts
 
 One iteration, per rank:
@@ -18,7 +19,11 @@ One iteration, per rank:
      advantage at offset t is normalised over the group at that offset (--adv_norm group), the batch (batch) or
      not (none). --task reward_fn: one float per completion, fn(prompt_text, completion_text, **reward_kwargs)
      (completion text without its stop token / string), advantage A = (R - mean_group R) / (std_group R + eps)
-     shared by all of the completion's tokens;
+     shared by all of the completion's tokens. --task math: prompts are the problems of --math_data (math500,
+     gsm8k or a JSONL, nanolab.math_eval.load_problems, cycled) in --math_prompt's template; the reward is
+     nanolab.math_grader's r1_zero_reward (templates with <think>: generation also stops at "</answer>", kept in
+     the text) or gsm8k_reward / the plain math reward, graded in a thread pool (the grader's worker processes)
+     while the reference and old-policy log-probs are computed;
   4. --ppo_epochs passes over the rollouts in --num_minibatches minibatches (of whole groups) of the clipped
      surrogate -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta * k3(pi, ref) per token
      (nanolab.losses.grpo_loss), aggregated by --loss_type grpo | bnpo | dr_grpo | dapo; the reference is a
@@ -41,6 +46,7 @@ import argparse
 import copy
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -58,8 +64,11 @@ from nanolab.tokenizers import GPT2Tokenizer
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = run.parser(__doc__)
     a = p.add_argument_group("task and rollouts").add_argument
-    a("--task", choices=["continuation", "reward_fn"], default="continuation",
-      help="continuation: +1 per generated token equal to the true next one; reward_fn: a Python reward")
+    a("--task", choices=["continuation", "reward_fn", "math"], default="continuation",
+      help="continuation: +1 per generated token equal to the true next one; reward_fn: a Python reward; math: "
+           "the graded answers to --math_data's problems")
+    a("--math_data", default="gsm8k", help="--task math: math500 | gsm8k | a JSONL of {problem, answer}")
+    a("--math_prompt", default="r1_zero", help="--task math: r1_zero | plain | a template file with {question}")
     a("--reward_fn", default="target_token_frequency",
       help=f"built-in ({', '.join(REWARD_FNS)}), module:function or file.py:function (default: "
            "target_token_frequency)")
@@ -120,6 +129,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                 "(minibatches hold whole groups)")
     if args.task == "continuation" and args.prompt_text:
         p.error("--task continuation takes its prompts (and targets) from the training text; drop --prompt_text")
+    if args.task != "math":
+        run.ignored_with(p, args, ["math_data", "math_prompt"], f"--task {args.task}")
+    elif args.prompt_text:
+        p.error("--task math takes its prompts from --math_data; drop --prompt_text")
     if args.task == "continuation":
         run.ignored_with(p, args, ["reward_fn", "reward_kwargs"], "--task continuation")
     else:
@@ -143,7 +156,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args) -> int:
     env = run.setup(args.device, args.dtype, args.deterministic)
     device, autocast, rank, world_size = env.device, env.autocast, env.rank, env.world_size
-    meaning = {k: getattr(args, k) for k in ("task", "reward_fn", "prompt_len", "prompt_text", "max_new_tokens",
+    meaning = {k: getattr(args, k) for k in ("task", "reward_fn", "math_data", "math_prompt", "prompt_len",
+                                             "prompt_text", "max_new_tokens",
                                              "batch_size", "group_size", "model", "preset", "n_layer", "n_head",
                                              "n_embd", "block_size", "vocab_size")}
     rd = run.open_run(args.out_dir, env, "grpo", args.resume, meaning, args)
@@ -155,11 +169,20 @@ def train(args) -> int:
     tokenizer = GPT2Tokenizer() if args.init_from == "scratch" else run.model_tokenizer(args.init_from)
     bpe = isinstance(tokenizer, GPT2Tokenizer)
     train_data = val_data = None
-    if not args.prompt_text:
+    problems, math_stop, prompt_texts = [], None, args.prompt_text or []
+    if args.task == "math":
+        from nanolab import math_eval, math_grader
+
+        problems = math_eval.load_problems(args.math_data, None, args.data_dir)
+        template = math_grader.load_prompt(args.math_prompt)
+        math_stop = math_eval.ANSWER_STOP if "<think>" in template else None
+        prompt_texts = [math_grader.format_prompt(template, q["problem"]) for q in problems]
+        pool = ThreadPoolExecutor(max_workers=4)  # grading waits on the grader's worker processes
+    elif not args.prompt_text:
         info = run.prepare_data(env, "gpt2" if bpe else tokenizer, args.data_dir)
         train_data, val_data = load_tokens(info["train"]), load_tokens(info["val"])
     fixed_prompts = [tokenizer.encode(t, allowed_special={EOT_TEXT}) if bpe else tokenizer.encode(t)
-                     for t in args.prompt_text or []]
+                     for t in prompt_texts]
     if any(len(p) == 0 for p in fixed_prompts):
         raise run.UsageError("--prompt_text: an empty prompt; every prompt needs at least one token")
 
@@ -177,7 +200,7 @@ def train(args) -> int:
     if train_data is not None and cfg.vocab_size < tokenizer.vocab_size:
         raise run.UsageError(f"model vocab_size {cfg.vocab_size} < GPT-2's {tokenizer.vocab_size}: prompts from the "
                              "training text need every BPE id; use --prompt_text with a smaller vocabulary")
-    for text, p in zip(args.prompt_text or [], fixed_prompts):
+    for text, p in zip(prompt_texts, fixed_prompts):
         if max(p) >= cfg.vocab_size:
             raise run.UsageError(f"--prompt_text {text!r} encodes to token {max(p)}, outside the model's "
                                  f"vocabulary [0, {cfg.vocab_size})")
@@ -186,7 +209,8 @@ def train(args) -> int:
         raise run.UsageError(f"--reward_kwargs target {target!r} encodes to token {max(tokenizer.encode(target))}, "
                              f"which the model's vocabulary [0, {cfg.vocab_size}) cannot produce")
     try:
-        stop_tokens, stop_strings = parse_stops(args.stop, tokenizer, cfg.vocab_size)
+        stop_tokens, stop_strings = parse_stops(args.stop + ([math_stop] if math_stop else []), tokenizer,
+                                                cfg.vocab_size)
     except ValueError as e:
         raise run.UsageError(str(e)) from e
     model.to(device)
@@ -275,6 +299,7 @@ def train(args) -> int:
 
             # --- 1-2. prompts and rollouts: G completions per prompt from one shared prefill ---
             prompts, target = prompts_at(step)
+            first = (step * world_size + rank) * B  # --task math: the problems of these prompts
             with autocast:
                 gen = engine.generate(prompts, M, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       stop_tokens=stop_tokens, stop_strings=stop_strings, decode=tokenizer.decode,
@@ -288,11 +313,18 @@ def train(args) -> int:
                                                              args.reward_mode), 0.0)
                 adv = token_advantages(tok_r, G, args.credit, args.gamma, args.adv_norm, mask)
                 seq_r = masked_mean(tok_r, mask, dim=1)  # logged: mean reward per generated token
+            elif args.task == "math":  # grade while the log-probs below are computed
+                eot = tokenizer.eot_token
+                graded = [pool.submit(math_eval.reward_for(q["kind"], math_stop is not None),
+                                      math_eval.cut_after_stop(tokenizer.decode([t for t in toks if t != eot]),
+                                                               math_stop), q["gold"])
+                          for toks, q in zip(gen.tokens_list(), (problems[(first + r // G) % len(problems)]
+                                                                 for r in range(N)))]
             else:
                 texts = completion_texts(tokenizer, gen.tokens_list(), gen.stopped.tolist(), stop_tokens,
                                          stop_strings)
-                prompt_texts = [tokenizer.decode(p) for p in gen.prompts]
-                seq_r = sequence_rewards(reward_fn, prompt_texts, texts, args.reward_kwargs).to(device)
+                decoded = [tokenizer.decode(p) for p in gen.prompts]
+                seq_r = sequence_rewards(reward_fn, decoded, texts, args.reward_kwargs).to(device)
                 adv = group_advantages(seq_r, G, normalize=None if args.adv_norm == "none" else args.adv_norm)
             idx, pos = build_sequences(gen.prompts, tokens)
 
@@ -309,6 +341,9 @@ def train(args) -> int:
                         if reference is not None:
                             logp_ref[rows] = token_logprobs(completion_logits(reference, idx[rows], pos[rows]),
                                                             tokens[rows])
+            if args.task == "math":
+                seq_r = torch.tensor([f.result()["reward"] for f in graded], device=device)
+                adv = group_advantages(seq_r, G, normalize=None if args.adv_norm == "none" else args.adv_norm)
 
             # --- 4. ppo_epochs x num_minibatches optimizer steps (minibatches of whole groups) ---
             gen_rng = torch.Generator().manual_seed(rollout_seed(args.seed + 1, rank, step))
