@@ -43,6 +43,15 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("NANOLAB_DATA_DIR") or REPO_DATA_DIR)
 
 
+def download(url: str, what: str, fix: str) -> bytes:
+    """The bytes at `url`; a failure is one UsageError: "{what} could not be downloaded from URL (why); {fix}"."""
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.read()
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise UsageError(f"{what} could not be downloaded from {url} ({e}); {fix}") from e
+
+
 # ----------------------------------------------------------------------------- tiny Shakespeare
 
 
@@ -51,16 +60,10 @@ def shakespeare_path(data_dir: str | os.PathLike | None = None) -> Path:
     path = resolve_data_dir(data_dir) / "tinyshakespeare" / "input.txt"
     if path.is_file():
         return path
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
-            raw = r.read()
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise UsageError(
-            f"tiny Shakespeare is not at {path} and could not be downloaded from {SHAKESPEARE_URL} ({e}). "
-            f"Put the {SHAKESPEARE_CHARS:,}-character input.txt there by hand "
-            f"(e.g. cp ../shared/data/tinyshakespeare/input.txt {path}), or set NANOLAB_DATA_DIR to a folder "
-            "that has tinyshakespeare/input.txt."
-        ) from e
+    raw = download(SHAKESPEARE_URL, f"tiny Shakespeare is not at {path} and",
+                   f"put the {SHAKESPEARE_CHARS:,}-character input.txt there by hand (e.g. cp "
+                   f"../shared/data/tinyshakespeare/input.txt {path}), or set NANOLAB_DATA_DIR to a folder that "
+                   "has tinyshakespeare/input.txt")
     n = len(raw.decode("utf-8"))
     if n != SHAKESPEARE_CHARS:
         raise RuntimeError(f"downloaded {SHAKESPEARE_URL} has {n:,} characters, expected {SHAKESPEARE_CHARS:,}")

@@ -20,12 +20,9 @@ was found, answer = graded). With n samples per problem, pass@k is the unbiased 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +33,7 @@ import torch
 from . import math_grader as G
 from .errors import UsageError
 from .fileio import atomic_write
+from .preference_data import iter_jsonl
 
 DATASETS = {
     "math500": ("math500/test.jsonl",
@@ -48,19 +46,13 @@ ANSWER_STOP = "</answer>"
 
 def dataset_path(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     """The local file of a named dataset, downloaded (atomically) when missing."""
-    from .data import resolve_data_dir
+    from .data import download, resolve_data_dir
 
     rel, url = DATASETS[name]
     path = resolve_data_dir(data_dir) / rel
-    if path.is_file():
-        return path
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            raw = r.read()
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise UsageError(f"{name} is not at {path} and could not be downloaded from {url} ({e}); put the file "
-                         f"there (e.g. cp ../shared/data/{rel} {path}) or set NANOLAB_DATA_DIR") from e
-    atomic_write(path, raw)
+    if not path.is_file():
+        atomic_write(path, download(url, f"{name} is not at {path} and", f"put the file there (e.g. cp "
+                                    f"../shared/data/{rel} {path}) or set NANOLAB_DATA_DIR"))
     return path
 
 
@@ -71,25 +63,18 @@ def load_problems(dataset: str, limit: int | None = None, data_dir: str | os.Pat
     if not path.is_file():
         raise UsageError(f"--dataset {dataset}: not {' or '.join(DATASETS)} and no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-            problem = row.get("problem", row.get("question"))
-            answer = row.get("answer")
-            if not isinstance(problem, str) or answer is None:
-                raise UsageError(f"{path}:{n}: needs a 'problem' (or 'question') string and an 'answer'")
-            answer = str(answer)
-            gsm = "####" in answer
-            out.append({"id": str(row.get("unique_id", row.get("id", f"{path.stem}/{n}"))), "problem": problem,
-                        "gold": G.gsm8k_gold(answer) if gsm else answer, "kind": "gsm8k" if gsm else "math",
-                        "subject": row.get("subject"), "level": row.get("level")})
-            if limit is not None and len(out) >= limit:
-                break
+    for n, row in iter_jsonl(path):  # errors name the file, line and column
+        problem = row.get("problem", row.get("question"))
+        answer = row.get("answer")
+        if not isinstance(problem, str) or answer is None:
+            raise UsageError(f"{path}:{n}: needs a 'problem' (or 'question') string and an 'answer'")
+        answer = str(answer)
+        gsm = "####" in answer
+        out.append({"id": str(row.get("unique_id", row.get("id", f"{path.stem}/{n}"))), "problem": problem,
+                    "gold": G.gsm8k_gold(answer) if gsm else answer, "kind": "gsm8k" if gsm else "math",
+                    "subject": row.get("subject"), "level": row.get("level")})
+        if limit is not None and len(out) >= limit:
+            break
     if not out:
         raise UsageError(f"{path}: no problems")
     return out
