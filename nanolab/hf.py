@@ -175,6 +175,10 @@ def _rope_out(c) -> dict:
 
 def _hf_config(model: CausalLM) -> dict:
     c = model.config
+    if not getattr(c, "causal", True):
+        raise ValueError(f"export_hf: this {c.family} model has causal=False (bidirectional attention); transformers' "
+                         "*ForCausalLM classes always apply a causal mask, so the exported model would compute "
+                         "something else")
     dtype = _DTYPE_NAMES.get(model.lm_head.weight.dtype, "float32")
     if isinstance(model, GPT2):
         eos = 50256 if c.vocab_size == 50257 else None  # GPT-2's <|endoftext|>, only with its own vocabulary

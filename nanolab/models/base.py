@@ -100,11 +100,16 @@ class KVCache:
         return total
 
 
+_NO_CACHE = ("this model has causal=False (bidirectional attention): a KV cache, and so the sampler, needs a causal "
+             "model; sample a denoising model with scripts/denoise.py's sample_mdlm")
+
+
 class CausalLM(nn.Module):
     """What the three families share: the `forward` contract, init, parameter and FLOP counts, cache creation.
 
     forward(idx (B, T), targets=None, cache=None, positions=None, last_only=False) -> (logits, loss)
-      - without a cache: causal attention over idx, positions 0..T-1;
+      - without a cache: causal attention over idx, positions 0..T-1 (config.causal=False: every position attends
+        to every position, the bidirectional encoder of BERT-style and masked-diffusion LMs; a cache is an error);
       - with a cache: idx is written at the cache's next T slots and attends to everything cached so far;
         positions (B, T) default to the slot indices (pass them for left-padded rows);
       - last_only returns logits for the last position only, (B, 1, V) (what sampling needs);
@@ -141,13 +146,18 @@ class CausalLM(nn.Module):
                 positions: torch.Tensor | None = None, last_only: bool = False, select: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None):
         B, T = idx.shape
+        causal = getattr(self.config, "causal", True)
         if cache is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             mask, slots = attn_mask, None
+            if mask is None and not causal:  # every query sees every key: an all-True mask, broadcast
+                mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=idx.device)
             if positions is None:
                 positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T): broadcast, cheap backward
         else:
+            if not causal:
+                raise ValueError(_NO_CACHE)
             slots, mask = cache.slots_and_mask(T)
             if positions is None:
                 positions = slots.expand(B, T)
@@ -175,6 +185,8 @@ class CausalLM(nn.Module):
 
     def make_cache(self, batch_size: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """An empty cache for `batch_size` rows of up to `max_len` tokens (default: block_size)."""
+        if not getattr(self.config, "causal", True):
+            raise ValueError(_NO_CACHE)
         max_len = max_len or self.config.block_size
         if max_len > self.config.block_size:
             raise ValueError(f"cache of {max_len} tokens exceeds the model's block_size {self.config.block_size}")

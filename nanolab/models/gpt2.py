@@ -30,6 +30,7 @@ class GPT2Config(ConfigBase):
     bias: bool = True
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # GELU's tanh approximation (GPT-2 as published) or "gelu", the exact erf form
+    causal: bool = True  # False: bidirectional attention (denoising LMs); no KV cache, no HF export
 
     def __post_init__(self):
         if self.family != "gpt2":

@@ -53,6 +53,7 @@ class LlamaConfig(ConfigBase):
     dropout: float = 0.0
     tie_embeddings: bool = False
     hf_architecture: str = "LlamaForCausalLM"  # what export_hf writes; no effect on the model
+    causal: bool = True  # False: bidirectional attention (denoising LMs); no KV cache, no HF export
 
     def __post_init__(self):
         name = type(self).__name__

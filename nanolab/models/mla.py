@@ -47,6 +47,7 @@ class MLAConfig(ConfigBase):
     dropout: float = 0.0
     tie_embeddings: bool = False
     absorb: bool = True  # decode from the cache with the absorbed matrices (same outputs, less memory traffic)
+    causal: bool = True  # False: bidirectional attention (denoising LMs); no KV cache
 
     def __post_init__(self):
         if self.family != "mla":

@@ -33,6 +33,7 @@ class OLMo2Config(ConfigBase):
     rms_norm_eps: float = 1e-6
     dropout: float = 0.0
     tie_embeddings: bool = False
+    causal: bool = True  # False: bidirectional attention (denoising LMs); no KV cache, no HF export
 
     def __post_init__(self):
         if self.family != "olmo2":
