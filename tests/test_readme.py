@@ -35,6 +35,8 @@ SHRINK = {
                        "--training.max_length", "32", "--training.max_prompt_length", "16",
                        "--dataset.max_samples", "40"],
     "data/prepare_preferences.py": ["--n", "100"],
+    "scripts/denoise.py": [*TINY_CHAR, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "1",
+                           "--batch_size", "2", "--block_size", "32"],
     "-m nanolab.plot": [],
 }
 
@@ -43,7 +45,7 @@ def code_block_commands() -> list[str]:
     """The python / torchrun lines of the README's bash code blocks (the install lines excepted), comments cut."""
     out = []
     for block in re.findall(r"```bash\n(.*?)```", README, re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a line continued with a backslash is one command
             line = line.split("  #")[0].strip()
             if line.startswith(("python ", "torchrun ")) and "pytest" not in line:
                 out.append(line)
