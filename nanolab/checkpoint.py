@@ -7,6 +7,11 @@
         state.json          {"step", "model_config", ...caller's state: tokenizer, data iterator, rng, args, metrics}
       latest                "step000500\\n", replaced atomically after the folder is complete
 
+A sharded checkpoint (training with --fsdp; nanolab/fsdp.py) holds torch.distributed.checkpoint's files
+(.metadata + one __<rank>_0.distcp per rank) instead of model.safetensors and optimizer.pt, with the same
+state.json, temporary-then-rename and `latest` rules; load_checkpoint reads it too (resharding as needed), and
+scripts/convert_checkpoint.py turns it into the single-file form.
+
 A save writes everything into `.tmp-step<N>-<pid>/` (each file fsynced, state.json last), renames the folder to
 `step<N>` (atomic on POSIX) and only then updates `latest`; so a crash at any point leaves the previous checkpoint
 as `latest`, and `latest_checkpoint` never returns a half-written folder. Loading never unpickles arbitrary objects.
@@ -42,6 +47,7 @@ from .fileio import atomic_write, fsync_path
 FORMAT_VERSION = 1
 MODEL_FILE, OPTIM_FILE, STATE_FILE, LATEST_FILE = "model.safetensors", "optimizer.pt", "state.json", "latest"
 ADAPTER_FILE = "adapter_model.safetensors"  # nanolab.lora.WEIGHTS_NAME (PEFT's name)
+DCP_FILE = ".metadata"  # torch.distributed.checkpoint's index: a sharded checkpoint (nanolab.fsdp.save_sharded)
 _STEP_RE = re.compile(r"^(?:step|checkpoint-)(\d+)$")
 _TMP_RE = re.compile(r"^\.(?:tmp|old)-(?:step|checkpoint-)\d+-(\d+)$")
 STYLES = ("step", "checkpoint")
@@ -55,8 +61,8 @@ def step_dir_name(step: int, style: str = "step") -> str:
 
 
 def _complete(path: Path) -> bool:
-    """A finished save: state.json (written last) and the weights (whole model or adapters)."""
-    return (path / STATE_FILE).is_file() and ((path / MODEL_FILE).is_file() or (path / ADAPTER_FILE).is_file())
+    """A finished save: state.json (written last) and the weights (whole model, adapters, or DCP shards)."""
+    return (path / STATE_FILE).is_file() and any((path / f).is_file() for f in (MODEL_FILE, ADAPTER_FILE, DCP_FILE))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -307,6 +313,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     from safetensors.torch import load_model
 
     ckpt = resolve_checkpoint(path)
+    if (ckpt / DCP_FILE).is_file():  # sharded (written under --fsdp): DCP reads and reshards it
+        from .fsdp import load_sharded
+
+        return load_sharded(ckpt, model, optimizer) if model is not None else read_state(ckpt)
     state = read_state(ckpt)
     if model is not None and not (ckpt / MODEL_FILE).is_file():
         from .lora import load_adapter

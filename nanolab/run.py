@@ -57,6 +57,7 @@ from .models import PRESETS, CausalLM, ModelConfig, build_model, config_from_dic
 from .tracking import Tracker
 
 RUN_MARKER, LOCK_FILE = "nanolab-run.json", ".lock"
+DEFAULT_DIST_TIMEOUT_S = 600.0
 
 
 # ----------------------------------------------------------------------------- flags
@@ -140,6 +141,21 @@ def add_run_args(p: argparse.ArgumentParser, out_dir: str, *, keep_last: int | N
            "per GRPO iteration on an H200 at 4x128). CPU runs are reproducible without it")
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """How the model is spread over torchrun's ranks: --fsdp (FSDP2 sharding and sharded checkpoints instead of
+    DDP), --cpu_offload (with --fsdp), --dist_timeout (seconds a collective waits for a silent peer)."""
+    a = p.add_argument_group("parallelism (under torchrun)").add_argument
+    a("--fsdp", action="store_true",
+      help="shard parameters, gradients and optimizer state over the ranks (FSDP2: per block, then the root; bf16 "
+           "parameters with fp32 reduction on CUDA) and write sharded checkpoints (torch.distributed.checkpoint) "
+           "that resume on any number of ranks; default: DDP and single-file checkpoints")
+    a("--cpu_offload", action="store_true", help="with --fsdp: keep parameters, gradients and optimizer state on "
+                                                  "the CPU between uses (the optimizer step runs on the CPU)")
+    a("--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
+      help="seconds a collective waits for a peer before the run stops with an error (a peer that died is "
+           f"noticed at once; this bounds a hung one) (default: {DEFAULT_DIST_TIMEOUT_S:g})")
+
+
 def parse(p: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """p.parse_args(argv), plus `flags_given`: the sorted dests of the flags on the command line (a resumed run
     takes the flags that were not given from its checkpoint; see open_run)."""
@@ -177,7 +193,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, *, positive
     if hasattr(args, "min_lr") and args.min_lr is None and get("learning_rate") is not None:
         args.min_lr = args.learning_rate / 10
 
-    positive = [*positive, "n_layer", "n_head", "n_embd", "block_size", "learning_rate", "keep_last"]
+    positive = [*positive, "n_layer", "n_head", "n_embd", "block_size", "learning_rate", "keep_last",
+                "dist_timeout"]
     nonnegative = [*nonnegative, "warmup_iters", "grad_clip", "weight_decay", "min_lr"]
     unit_open = [*unit_open, "beta1", "beta2"]
     for name in positive:
@@ -196,6 +213,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, *, positive
         p.error(f"--dropout must be in [0, 1), got {get('dropout')}")
     if get("min_lr") is not None and get("learning_rate") is not None and get("min_lr") > get("learning_rate"):
         p.error(f"--min_lr {get('min_lr')} must be <= --learning_rate {get('learning_rate')}")
+    if get("cpu_offload") and not get("fsdp"):
+        p.error("--cpu_offload needs --fsdp")
 
 
 def ignored_with(p: argparse.ArgumentParser, args: argparse.Namespace, names: Iterable[str], mode: str) -> None:
@@ -234,8 +253,10 @@ class Env(NamedTuple):
         return self.rank == 0
 
 
-def setup(device: str = "auto", dtype: str = "auto", deterministic: bool = False) -> Env:
-    """DDP (under torchrun) and the device; dtype "auto" is bfloat16 on a CUDA device that has it, else float32
+def setup(device: str = "auto", dtype: str = "auto", deterministic: bool = False,
+          dist_timeout: float | None = DEFAULT_DIST_TIMEOUT_S) -> Env:
+    """DDP (under torchrun) and the device; dist_timeout: seconds a collective waits for a peer (None: torch's
+    default, 10 min for NCCL and 30 for gloo); dtype "auto" is bfloat16 on a CUDA device that has it, else float32
     (bfloat16 runs under autocast, weights stay float32); TF32 matmuls on CUDA. deterministic: bitwise
     repeatable CUDA runs (torch.use_deterministic_algorithms; cuBLAS reads its workspace setting when it starts,
     so this runs before any CUDA work)."""
@@ -243,7 +264,7 @@ def setup(device: str = "auto", dtype: str = "auto", deterministic: bool = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     try:
-        rank, local_rank, world_size, dev = dist.setup_distributed(device)
+        rank, local_rank, world_size, dev = dist.setup_distributed(device, timeout_s=dist_timeout)
     except RuntimeError as e:
         if "not available" in str(e) or "Invalid device" in str(e) or "Expected one of" in str(e):
             raise UsageError(f"--device {device}: {e}") from e
@@ -272,6 +293,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def wrap_model(model: torch.nn.Module, env: Env, fsdp: bool = False, cpu_offload: bool = False,
+               mixed_precision: bool | None = None) -> torch.nn.Module:
+    """The model to train with, across torchrun's ranks: FSDP2-sharded in place (fsdp; nanolab.fsdp.shard_model),
+    DDP-wrapped (world size > 1), or the model itself (one process). Call it after the model is on env.device
+    (and after apply_lora, before building the optimizer when sharding: the optimizer must see the sharded
+    parameters). fsdp shards the module in place, so build the optimizer after it and torch.compile the sharded
+    model; DDP wraps the (compiled) model. One process with fsdp: the model is left whole (checkpoints are still
+    written sharded, see save)."""
+    if fsdp and env.ddp:
+        from .fsdp import shard_model
+
+        return shard_model(model, env.device, mixed_precision, cpu_offload)
+    if env.ddp:
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return model
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -400,6 +439,13 @@ def open_run(out_dir: str | os.PathLike, env: Env, script: str, resume: str | No
     return RunDir(path, script, meaning, resume_from)
 
 
+def resumable_state(out_dir: str | os.PathLike, resume: str | None) -> dict[str, Any] | None:
+    """state.json of the checkpoint a run with this --resume would continue (read-only, before open_run: e.g. to
+    fit flags to a new world size), or None."""
+    ckpt = latest_checkpoint(out_dir) if resume and Path(out_dir).is_dir() else None
+    return read_state(ckpt) if ckpt is not None else None
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -493,7 +539,13 @@ def restore(rd: RunDir, env: Env, model: torch.nn.Module, optimizer: torch.optim
             data=None, seed: int = 0) -> dict[str, Any]:
     """Load the checkpoint of `rd.resume_from`: weights, optimizer, the data iterator's position (`data`: an
     object with load_state_dict, or None) and this rank's RNG states (or, when the world size changed, a fresh
-    seed of (seed, rank, step)). Returns the saved state (state.json as a dict)."""
+    seed of (seed, rank, step)). A sharded checkpoint (nanolab.fsdp) loads onto any world size, sharded or not;
+    an FSDP-sharded model needs one. Returns the saved state (state.json as a dict)."""
+    from .fsdp import is_sharded_checkpoint, is_sharded_model
+
+    if is_sharded_model(model) and not is_sharded_checkpoint(rd.resume_from):
+        raise UsageError(f"--resume {rd.resume_from}: a single-file checkpoint; --fsdp resumes only sharded ones "
+                         "(resume without --fsdp)")
     saved = load_checkpoint(rd.resume_from, model, optimizer, map_location=env.device)
     if saved.get("world_size", env.world_size) != env.world_size and env.main:
         print(f"warning: resuming with world_size={env.world_size}, the checkpoint used {saved['world_size']}: "
@@ -552,18 +604,28 @@ def save_due(step: int, start_step: int, at_end: bool, checkpoint_interval: int 
 
 def save(rd: RunDir, env: Env, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
          state: dict[str, Any], keep_last: int | None = None, tracker: Tracker | None = None,
-         run_dir: str | os.PathLike | None = None, tokenizer=None, **layout) -> Path | None:
+         run_dir: str | os.PathLike | None = None, tokenizer=None, sharded: bool = False, **layout) -> Path | None:
     """Checkpoint (rank 0 writes; every rank must call it: the RNG states are gathered). state.json gets the
     caller's `state` plus the script, the run's meaning, every rank's RNG states, the world size and the wandb run
     id; `tokenizer` is saved with it (nanolab.checkpoint.save_checkpoint, which also takes `layout`: style,
-    adapter_only, keep_steps). A NaN/inf in `state` stops the run (Diverged) before anything is written. Returns
-    the folder (rank 0)."""
+    adapter_only, keep_steps). sharded: every rank writes its shards with torch.distributed.checkpoint
+    (nanolab.fsdp.save_sharded; what an FSDP-sharded model needs). A NaN/inf in `state` stops the run (Diverged)
+    before anything is written. Returns the folder (rank 0)."""
     rngs = dist.all_gather_object(rng_state())
     check_finite(state, step, rd)
-    if not env.main:
-        return None
     full = {"script": rd.script, "meaning": rd.meaning, "rng": rngs, "world_size": env.world_size,
             "wandb_id": tracker.wandb_id if tracker is not None else None, **state}
+    if sharded:
+        from .fsdp import save_sharded
+
+        if layout:
+            raise ValueError(f"sharded checkpoints have one layout; got {sorted(layout)}")
+        path = save_sharded(run_dir or rd.path, step, model, optimizer, full, keep_last, tokenizer)
+        if path is not None and tracker is not None:
+            tracker.print(f"saved {path}")
+        return path
+    if not env.main:
+        return None
     path = save_checkpoint(run_dir or rd.path, step, model, optimizer, full, keep_last, tokenizer, **layout)
     if tracker is not None:
         tracker.print(f"saved {path}")

@@ -4,12 +4,17 @@
     python scripts/train.py --model olmo2 --max_iters 1000 --learning_rate 2e-3
     python scripts/train.py --dataset gpt2 --preset gpt2-124m --device cuda --compile --batch_size 12
     torchrun --standalone --nproc_per_node=2 scripts/train.py ...       # DDP: gloo on CPU, NCCL on CUDA
+    torchrun --standalone --nproc_per_node=8 scripts/train.py --fsdp ...   # FSDP2, sharded checkpoints
     python scripts/train.py --out_dir out/run --resume                  # continue from out/run/latest
 
 One optimizer step = gradient_accumulation_steps micro-batches of batch_size x block_size tokens on every rank,
 so a step sees batch_size * block_size * gradient_accumulation_steps * world_size tokens (the accumulation count
 is per rank, unlike nanoGPT where it is divided by the world size). Every rank draws its rows from one shared
-random stream, so 2 ranks x batch B see the same samples as 1 process x batch 2B.
+random stream, so 2 ranks x batch B see the same samples as 1 process x batch 2B. The run is defined by its
+global batch: resuming on another number of ranks divides it anew (--batch_size defaults to global / ranks).
+
+--fsdp shards parameters, gradients and optimizer state over the ranks (FSDP2, nanolab/fsdp.py) and writes
+sharded checkpoints that resume on any number of ranks (scripts/convert_checkpoint.py makes a single file).
 
 Checkpoints go to out_dir/step<N>/ (see nanolab/checkpoint.py), metrics to out_dir/metrics.jsonl. A run resumed
 with --resume reproduces the uninterrupted run bit for bit on CPU float32: model, optimizer, data iterator and
@@ -26,7 +31,7 @@ import time
 
 import torch
 
-from nanolab import dist, run
+from nanolab import dist, fsdp, run
 from nanolab.data import BatchIterator, load_tokens
 from nanolab.models import FAMILIES, PRESETS
 from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
@@ -61,6 +66,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--activation", choices=["gelu_tanh", "gelu"], default=None,
       help="GPT-2 only: GELU's tanh approximation (GPT-2 as published, the default) or the exact erf GELU "
            "(nanoGPT's; its forward + backward ~2.3x faster on a CPU)")
+    run.add_parallel_args(p)
     run.add_optim_args(p, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1)
     a = p.add_argument_group("optimizer").add_argument
     a("--max_iters", type=int, default=2000, help="optimizer steps in total")
@@ -82,13 +88,35 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def fit_batch_to_world(args: argparse.Namespace, world_size: int, saved: dict | None) -> int:
+    """A run resumed on another number of ranks keeps its global batch (batch_size x ranks): --batch_size
+    defaults to it divided by the ranks now, and a --batch_size that changes it is an error. Returns the
+    batch_size to compare with the checkpoint's meaning (the checkpoint's own when the world size changed)."""
+    if saved is None or saved.get("world_size", 1) == world_size or "batch_size" not in (saved.get("meaning") or {}):
+        return args.batch_size  # same world size: open_run's usual rules
+    old = saved["meaning"]["batch_size"]
+    total = old * saved.get("world_size", 1)
+    if "batch_size" in args.flags_given:
+        if args.batch_size * world_size != total:
+            raise run.UsageError(f"--resume {saved['path']}: --batch_size {args.batch_size} x {world_size} ranks "
+                                 f"!= the run's global batch {total} ({old} x {saved.get('world_size', 1)} ranks)")
+    elif total % world_size:
+        raise run.UsageError(f"--resume {saved['path']}: the run's global batch {total} does not divide over "
+                             f"{world_size} ranks")
+    else:
+        args.batch_size = total // world_size
+    return old
+
+
 def train(args) -> int:
-    env = run.setup(args.device, args.dtype, args.deterministic)
+    env = run.setup(args.device, args.dtype, args.deterministic, args.dist_timeout)
     device, autocast = env.device, env.autocast
+    batch_then = fit_batch_to_world(args, env.world_size, run.resumable_state(args.out_dir, args.resume))
     meaning = {k: getattr(args, k) for k in ("dataset", "text_file", "batch_size", "gradient_accumulation_steps", "block_size",
                                              "model", "preset", "n_layer", "n_head", "n_embd", "vocab_size", "bias",
                                              "activation")}
-    rd = run.open_run(args.out_dir, env, "train", args.resume, meaning, args)
+    rd = run.open_run(args.out_dir, env, "train", args.resume, {**meaning, "batch_size": batch_then}, args)
+    rd = rd._replace(meaning={**rd.meaning, "batch_size": args.batch_size})  # per rank, at this world size
     info = run.prepare_data(env, run.model_tokenizer(args.init_from) if args.dataset == "model" else args.dataset,
                             args.data_dir, args.text_file)
     tokenizer = info["tokenizer"]
@@ -109,6 +137,8 @@ def train(args) -> int:
     if block_size > cfg.block_size:
         raise run.UsageError(f"--block_size {block_size} exceeds the model's block_size {cfg.block_size}")
     model.to(device)
+    if args.fsdp:  # sharded in place; the optimizer is built over the shards
+        model = run.wrap_model(model, env, fsdp=True, cpu_offload=args.cpu_offload)
     optimizer = build_adamw(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2), device.type)
     train_iter = BatchIterator(train_data, args.batch_size, block_size, args.seed, env.rank, env.world_size, device)
     torch.manual_seed(args.seed + env.rank)
@@ -118,13 +148,13 @@ def train(args) -> int:
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    train_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else model
+    train_model = model if args.fsdp else run.wrap_model(model, env)
 
     tokens_per_step = args.batch_size * block_size * args.gradient_accumulation_steps * env.world_size
     flops_per_token = raw_model.flops_per_token(block_size)
     tracker = run.open_tracker(rd, env, args, args.max_iters, start_step, saved)
-    tracker.print(f"{cfg.family}: {raw_model.num_params() / 1e6:.2f}M parameters, {env.world_size} x {device}, "
+    tracker.print(f"{cfg.family}: {raw_model.num_params() / 1e6:.2f}M parameters, {env.world_size} x {device}"
+                  f"{' (FSDP)' if fsdp.is_sharded_model(raw_model) else ''}, "
                   f"{env.dtype}, {tokens_per_step:,} tokens/step, steps {start_step} -> {args.max_iters}")
 
     def estimate_loss() -> dict[str, float]:
@@ -165,13 +195,14 @@ def train(args) -> int:
                         tracker.print(f"step {step}: train loss {metrics['train_loss']:.4f}, "
                                       f"val loss {metrics['val_loss']:.4f}")
                         run.check_finite(metrics, step, rd)
-                        if env.main and args.sample_len > 0:
-                            tracker.print(sample())
+                        if args.sample_len > 0 and (env.main or fsdp.is_sharded_model(raw_model)):
+                            text = sample()  # a sharded model samples on every rank (each forward all-gathers)
+                            tracker.print(text)
                     if save:
                         run.check_flag(bad, step, rd)
                         run.save(rd, env, step, raw_model, optimizer,
                                  {"args": vars(args), "data": train_iter.state_dict(), "metrics": metrics},
-                                 args.keep_last, tracker, tokenizer=tokenizer)
+                                 args.keep_last, tracker, tokenizer=tokenizer, sharded=args.fsdp)
             if at_end:
                 break
 
@@ -181,14 +212,17 @@ def train(args) -> int:
             step_loss.zero_()
             for micro in range(args.gradient_accumulation_steps):
                 x, y = next(train_iter)
-                if env.ddp:  # all-reduce gradients only on the last micro-batch
-                    train_model.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1
+                # reduce gradients across ranks only on the last micro-batch (DDP and FSDP)
+                fsdp.set_gradient_sync(train_model, micro == args.gradient_accumulation_steps - 1)
                 with autocast:
                     _, loss = train_model(x, y)
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.detach().float()
             bad.add_((~torch.isfinite(step_loss)).float())
-            clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, bad)
+            # FSDP: the parameters are DTensors and clip_grad_norm_ takes the total norm over every shard
+            norm = clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, None if args.fsdp else bad)
+            if args.fsdp and norm is not None:
+                bad.add_((~torch.isfinite(fsdp.local_norm(norm))).float())
             step += 1
             meter.tick()
             tracker.update(1)
