@@ -248,9 +248,9 @@ class Examples:
         return ([self.sequence(i, self.chosen[i]) for i in idx] + [self.sequence(i, self.rejected[i]) for i in idx])
 
     def unpaired_of(self, idx: list[int], kl: bool) -> tuple[list[tuple[list[int], int]], Tensor]:
-        """Unpaired: the sequences of idx, then (kl) their KL partners, completion of idx[j] after the prompt of
-        idx[j + 1] (cyclically; a partner that does not fit borrows its own prompt's room rule: cut to max_length;
-        with a single example the partner is the example itself). Returns (sequences, labels (len(idx),) bool)."""
+        """Unpaired: the sequences of idx, then (kl) their KL partners: the completion of idx[j] after the prompt of
+        idx[j + 1], cyclically (with one example, its own prompt; a pair that leaves no room for the completion
+        falls back to the example's own prompt). Returns (sequences, labels (len(idx),) bool)."""
         seqs = [self.sequence(i, self.chosen[i]) for i in idx]
         if kl:
             for j, i in enumerate(idx):

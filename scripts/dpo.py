@@ -43,7 +43,7 @@ from nanolab.data import file_sha256, step_indices
 from nanolab.errors import Diverged, UsageError
 from nanolab.lora import apply_lora, disable_adapters
 from nanolab.losses import kto_loss
-from nanolab.models import PRESETS, build_model, preset
+from nanolab.models import PRESETS, preset
 from nanolab.optim import build_adamw, clip_and_step, set_lr
 from nanolab.preference import (
     REFERENCE_FREE,
@@ -83,12 +83,11 @@ def read_rows(cfg: DPOConfig) -> tuple[list[dict], list[dict]]:
 
 def load_model(path: str, tokenizer, seed: int, what: str) -> torch.nn.Module:
     """A preset (random weights, seeded), a nanolab checkpoint / run folder, or a Hugging Face folder; float32."""
-    if path in PRESETS:
-        torch.manual_seed(seed)
-        return build_model(preset(path, vocab_size=max(tokenizer.vocab_size, preset(path).vocab_size)))
-    if not Path(path).exists():
+    if path not in PRESETS and not Path(path).exists():
         raise UsageError(f"{what} {path!r}: no such folder, and not a preset ({', '.join(sorted(PRESETS))})")
-    return run.initial_model(path, lambda: None, tokenizer, seed=seed)
+    return run.initial_model("scratch" if path in PRESETS else path,
+                             lambda: preset(path, vocab_size=max(tokenizer.vocab_size, preset(path).vocab_size)),
+                             tokenizer, seed=seed)
 
 
 def model_tokenizer(entry) -> object:

@@ -415,6 +415,8 @@ def train(args) -> int:
                 acc.zero_()
     finally:
         tracker.close()
+        if args.task == "math":
+            pool.shutdown()
     if env.main and n_train:
         msg = (f"done: {step} iterations, {tokens_seen:,} tokens generated, {t_train / n_train:.3f} s/iter "
                f"(rollouts + update, this session)\n  mean reward: {summary.get('reward_first', float('nan')):.4f} "

@@ -3,7 +3,6 @@ re-computation, the NELBO of a uniform model, the Monte Carlo NELBO against its 
 the bound for exact conditionals, BERT masking rates, the sampler's invariants, short runs that beat the unigram
 entropy, exact resume and bad flags."""
 
-import importlib.util
 import itertools
 import json
 import math
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import load_script
 from safetensors.torch import load_file
 
 from nanolab.data import split_train_val
@@ -25,10 +25,7 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16
 
 @pytest.fixture(scope="module")
 def dn():
-    spec = importlib.util.spec_from_file_location("nanolab_denoise_script", REPO / "scripts" / "denoise.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("denoise")
 
 
 def tiny(causal: bool, name: str = "gpt2-char-tiny", vocab: int = 11, seed: int = 0):

@@ -3,7 +3,6 @@ accumulation invariance, every method, precomputed references, end to end on the
 several models with one broken, dry runs, SIGKILL + --resume, bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import load_script
 from safetensors.torch import load_file
 
 from nanolab.checkpoint import load_checkpoint, save_checkpoint, step_dirs
@@ -36,14 +36,7 @@ from nanolab.tracking import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("dpo_script", REPO / "scripts" / "dpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-dpo = _load_script()
+dpo = load_script("dpo")
 
 
 @pytest.fixture(autouse=True)
@@ -253,9 +246,7 @@ def test_full_finetuning_with_separate_reference(tmp_path, base, prefs):
 
 def test_end_to_end_reward_accuracy(tmp_path, data_dir, prefs):
     """From a short supervised char model, DPO reaches held-out reward accuracy > 0.9."""
-    train = importlib.util.spec_from_file_location("train_script", REPO / "scripts" / "train.py")
-    mod = importlib.util.module_from_spec(train)
-    train.loader.exec_module(mod)
+    mod = load_script("train")
     assert mod.main(["--model", "gpt2", "--preset", "gpt2-char-tiny", "--max_iters", "150", "--eval_interval",
                      "150", "--eval_iters", "2", "--sample_len", "0", "--out_dir", str(tmp_path / "char"),
                      "--data_dir", str(data_dir), "--device", "cpu"]) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 from nanolab.checkpoint import save_checkpoint
 from nanolab.errors import UsageError
@@ -21,11 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +90,7 @@ def arith_data(tmp_path_factory):
 
 
 def test_eval_math_end_to_end(tmp_path, arith_model, arith_data, capsys):
-    ev = _script("eval_math")
+    ev = load_script("eval_math")
     out = tmp_path / "eval"
     assert ev.main(["--model", str(arith_model), "--dataset", str(arith_data / "test.jsonl"), "--prompt",
                     str(REPO / "examples" / "math" / "arith.prompt"), "--max_new_tokens", "24", "--out_dir",
@@ -110,7 +106,7 @@ def test_eval_math_end_to_end(tmp_path, arith_model, arith_data, capsys):
 
 
 def test_grpo_math_task_runs(tmp_path, arith_model, arith_data):
-    grpo = _script("grpo")
+    grpo = load_script("grpo")
     out = tmp_path / "grpo"
     assert grpo.main(["--init_from", str(arith_model), "--task", "math", "--math_data",
                       str(arith_data / "grpo.jsonl"), "--math_prompt", str(REPO / "examples" / "math" / "arith.prompt"),

@@ -2,7 +2,6 @@
 per-token gradient accumulation, packing == padding, learning end to end, exact resume (full and LoRA), bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 from safetensors.torch import load_file
 
 from nanolab.chat import CHATML_TEMPLATE, apply_chat_template
@@ -34,14 +34,7 @@ from nanolab.tracking import read_metrics
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("sft_script", REPO / "scripts" / "sft.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sft = _load_script()
+sft = load_script("sft")
 
 
 @pytest.fixture(autouse=True)
