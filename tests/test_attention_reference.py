@@ -45,11 +45,11 @@ def _single_threaded(one_thread):
     """Every test here runs single-threaded (see conftest.one_thread)."""
 
 
-def make_model(key: str, seed: int = 0):
+def make_model(key: str, seed: int = 0, causal: bool = True):
     """A tiny model in eval mode with O(1) weights: matrices ~ 1.5 / sqrt(fan_in), so attention scores are O(1)
     (peaked, not uniform) and a wrong scale or rotation shows; norm weights 1 +- 0.3, biases +- 0.3."""
     torch.manual_seed(seed)
-    model = build_model(CONFIGS[key]).eval()
+    model = build_model({**CONFIGS[key], "causal": causal}).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -100,12 +100,12 @@ def rope(x, pos, theta, scaling=None):
     return torch.cat([a * c - b * s, a * s + b * c], dim=-1)
 
 
-def softmax_attend(q, k, v, scale):
-    """q (B, H, T, d), k (B, H, T, d), v (B, H, T, dv): causal softmax(q k^T * scale) v, by explicit masking."""
+def softmax_attend(q, k, v, scale, causal=True):
+    """q (B, H, T, d), k (B, H, T, d), v (B, H, T, dv): softmax(q k^T * scale) v, causal by explicit masking."""
     Tq = q.shape[2]
     scores = (q @ k.transpose(-1, -2)) * scale
-    causal = torch.ones(Tq, Tq, dtype=torch.bool).tril()
-    scores = scores.masked_fill(~causal, -math.inf)
+    if causal:
+        scores = scores.masked_fill(~torch.ones(Tq, Tq, dtype=torch.bool).tril(), -math.inf)
     return torch.softmax(scores, dim=-1) @ v
 
 
@@ -123,7 +123,7 @@ def ref_gpt2(attn, cfg, x, pos):
     C = cfg["n_embd"]
     q, k, v = lin(x, attn.c_attn).split(C, dim=-1)
     H = cfg["n_head"]
-    y = softmax_attend(heads(q, H), heads(k, H), heads(v, H), (C // H) ** -0.5)
+    y = softmax_attend(heads(q, H), heads(k, H), heads(v, H), (C // H) ** -0.5, cfg["causal"])
     return lin(merge(y), attn.c_proj)
 
 
@@ -136,7 +136,7 @@ def ref_olmo2(attn, cfg, x, pos):
     q, k = rope(q, pos, cfg["rope_theta"]), rope(k, pos, cfg["rope_theta"])
     rep = H // Hkv  # query head h reads kv head h // rep
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return lin(merge(softmax_attend(q, k, v, hd ** -0.5)), attn.o_proj)
+    return lin(merge(softmax_attend(q, k, v, hd ** -0.5, cfg["causal"])), attn.o_proj)
 
 
 def ref_mla(attn, cfg, x, pos):
@@ -153,7 +153,7 @@ def ref_mla(attn, cfg, x, pos):
     kv = heads(lin(latent, attn.kv_b_proj), H)  # (B, H, T, d_n + d_v)
     assert kv.shape[-1] == dn + dv
     k = torch.cat([kv[..., :dn], k_r.expand(B, H, Tq, dr)], dim=-1)
-    y = softmax_attend(torch.cat([q_nope, q_rope], dim=-1), k, kv[..., dn:], (dn + dr) ** -0.5)
+    y = softmax_attend(torch.cat([q_nope, q_rope], dim=-1), k, kv[..., dn:], (dn + dr) ** -0.5, cfg["causal"])
     return lin(merge(y), attn.o_proj)
 
 
@@ -165,7 +165,7 @@ def ref_llama(attn, cfg, x, pos):
     q, k = rope(q, pos, cfg["rope_theta"], scaling), rope(k, pos, cfg["rope_theta"], scaling)
     rep = H // Hkv  # query head h reads kv head h // rep
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return lin(merge(softmax_attend(q, k, v, hd ** -0.5)), attn.o_proj)
+    return lin(merge(softmax_attend(q, k, v, hd ** -0.5, cfg["causal"])), attn.o_proj)
 
 
 REFERENCE = {"gpt2": ref_gpt2, "olmo2": ref_olmo2, "mla": ref_mla, "llama": ref_llama}
@@ -204,6 +204,16 @@ def check_against_reference(key, model, io, pos):
 def test_attention_full_forward_matches_float64_reference(key):
     model = make_model(key)
     idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+    io = run_with_hooks(model, lambda: model(idx))
+    check_against_reference(key, model, io, torch.arange(T).expand(2, T))
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+@torch.no_grad()
+def test_bidirectional_attention_matches_float64_reference(key):
+    """causal=False: every position attends to every position (no mask reaches SDPA), as the unmasked formula."""
+    model = make_model(key, seed=3, causal=False)
+    idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(4))
     io = run_with_hooks(model, lambda: model(idx))
     check_against_reference(key, model, io, torch.arange(T).expand(2, T))
 

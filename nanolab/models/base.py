@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from .layers import lm_loss
+from .layers import BIDIRECTIONAL, lm_loss
 
 
 class ConfigBase:
@@ -151,8 +151,8 @@ class CausalLM(nn.Module):
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
             mask, slots = attn_mask, None
-            if mask is None and not causal:  # every query sees every key: an all-True mask, broadcast
-                mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=idx.device)
+            if mask is None and not causal:
+                mask = BIDIRECTIONAL
             if positions is None:
                 positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T): broadcast, cheap backward
         else:

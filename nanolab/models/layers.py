@@ -66,16 +66,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float,
+# attention()'s `mask` for a bidirectional (causal=False) model with no explicit mask: every query sees every key.
+# It reaches SDPA as no mask at all, so the flash kernel stays eligible (a broadcast all-True tensor would force
+# the masked kernels, which on CUDA reject a stride-0 mask in float32).
+BIDIRECTIONAL = "bidirectional"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | str | None, dropout: float,
               scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention. q: (B, H, T, d), k: (B, H_kv, S, d), v: (B, H_kv, S, dv).
 
-    Without a mask it is causal over T == S (the training path, flash-eligible); with a cache mask (B, 1, T, S)
-    it attends to the cache's slots. H_kv may divide H (grouped-query attention).
+    mask None: causal over T == S (the training path, flash-eligible); BIDIRECTIONAL: no mask; a bool tensor
+    (B, 1, T, S) (a cache's slots, or packed examples): attend where True. H_kv may divide H (grouped-query).
     """
     gqa = q.shape[1] != k.shape[1]
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask is None or isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=mask is None, scale=scale,
+                                              enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=gqa)
 
 
