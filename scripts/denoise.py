@@ -27,7 +27,7 @@ about eps * T * (clean CE), negligible at eps = 1e-3. Validation reports the NEL
 with --dataset char) on fixed val windows, --eval_t_draws t draws per window from a fixed seed, with the standard
 error over windows; bert reports the masked-token accuracy and loss at the training rate.
 
-Sampling (--sample at each eval; sample_mdlm): start from masks (after a prompt), --steps K iterations; iteration k
+Sampling (--sample at each eval, either objective; sample_mdlm): start from masks (after a prompt), --steps K iterations; iteration k
 of K moves from t_k = 1 - k/K to t_(k+1) and unmasks round(L (1 - alpha_(t_k))) - round(L (1 - alpha_(t_(k+1))))
 positions, chosen by --remask low_confidence (highest probability of the drawn token) or random. --block_len: the
 positions are filled block by block, left to right (semi-autoregressive), the K steps split over the blocks. Tokens
@@ -70,7 +70,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--log_interval", type=int, default=10, help="write a metrics row every N steps")
     a("--checkpoint_interval", type=int, default=None,
       help="save every N steps (default: at each eval; the final step is always saved); 0: never save")
-    a("--sample", action="store_true", help="mdlm: print a sample at each eval")
+    a("--sample", action="store_true", help="print a sample at each eval (bert's model is sampled the same way)")
     a("--steps", type=int, default=64, help="sampling iterations K (1: one-shot)")
     a("--remask", choices=["low_confidence", "random"], default="low_confidence", help="which masks to fill")
     a("--block_len", type=int, default=None, help="semi-autoregressive blocks of this many positions")
@@ -97,12 +97,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{args.bert_replace!r}")
     sampling = ["steps", "remask", "block_len", "temperature", "top_k", "top_p"]
     if args.objective == "bert":
-        run.ignored_with(p, args, ["schedule", "eps", "antithetic", "eval_t_draws", "sample", *sampling],
-                         "--objective bert")
+        run.ignored_with(p, args, ["schedule", "eps", "antithetic", "eval_t_draws"], "--objective bert")
     else:
         run.ignored_with(p, args, ["bert_rate", "bert_replace", "loss_on"], "--objective mdlm")
-        if not args.sample:
-            run.ignored_with(p, args, sampling, "no --sample")
+    if not args.sample:
+        run.ignored_with(p, args, sampling, "no --sample")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.max_iters
     return args
@@ -344,7 +343,7 @@ def train(args) -> int:
                         metrics = evaluate()
                         tracker.log({"step": step, **metrics}, echo=True)
                         run.check_finite(metrics, step, rd)
-                        if env.main and args.sample and args.objective == "mdlm":
+                        if env.main and args.sample:
                             out = sample_mdlm(raw_model, 1, block_size, mask_id, args.steps, tokenizer.encode("\n"),
                                               args.remask, args.block_len, args.temperature, args.top_k, args.top_p,
                                               args.schedule, args.seed + step, autocast)

@@ -376,13 +376,13 @@ def test_end_to_end_and_exact_resume(dn, data_dir, tmp_path, one_thread):
     assert [r["step"] for r in evals] == [0, 3, 6] and all(r["val_nelbo_se"] > 0 for r in evals)
     c = tmp_path / "c"
     assert dn.main(TINY + ["--data_dir", str(data_dir), "--objective", "bert", "--loss_on", "all", "--max_iters", "2",
-                           "--eval_interval", "2", "--out_dir", str(c)]) == 0
+                           "--eval_interval", "2", "--sample", "--steps", "1", "--out_dir", str(c)]) == 0
     last = json.loads((c / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= last["val_masked_acc"] <= 1 and last["val_masked_loss"] > 0
 
 
 @pytest.mark.parametrize("bad", [["--bert_replace", "80/10"], ["--objective", "bert", "--bert_replace", "90/20/-10"],
-                                 ["--objective", "bert", "--sample"], ["--bert_rate", "0.2"], ["--eps", "0"],
+                                 ["--objective", "bert", "--eval_t_draws", "2"], ["--bert_rate", "0.2"], ["--eps", "0"],
                                  ["--sample", "--steps", "0"], ["--steps", "8"], ["--objective", "bert",
                                                                                   "--bert_rate", "1.5"]])
 def test_bad_flags_exit_2(dn, bad, capsys):
