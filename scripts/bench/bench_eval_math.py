@@ -1,7 +1,7 @@
 """Benchmark math evaluation: scripts/eval_math.py against transformers' generate() on the same model and prompts.
 
-Both sides get the same transformers folder (a random-weight model of --preset, default the Llama-3.2-1B shape,
-written by nanolab.hf.export_hf with GPT-2 tokenizer files, or --hf_dir), the same MATH500 problems in the r1_zero
+Both sides get the same transformers folder (a random-weight model of --preset, default the Llama-3.2-1B shape with
+GPT-2's 50,257-token vocabulary, written by nanolab.hf.export_hf with GPT-2 tokenizer files, or --hf_dir), the same MATH500 problems in the r1_zero
 prompt, greedy decoding of up to --max_new_tokens tokens per problem stopping at "</answer>" or EOS, batches of
 --batch_size problems taken longest prompt first, bf16 on CUDA. Each side runs as its own process:
   nanolab       python scripts/eval_math.py --model DIR --dataset math500 --limit N ... (its summary.json gives the
@@ -37,7 +37,7 @@ DRIVER = r'''
 import json, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-cfg = json.loads(sys.argv[1])
+cfg = json.loads(open(sys.argv[1]).read())
 tok = AutoTokenizer.from_pretrained(cfg["hf_dir"])
 tok.padding_side = "left"
 tok.pad_token = tok.pad_token or tok.eos_token
@@ -64,7 +64,7 @@ print(json.dumps({"generated_tokens": generated, "generation_s": time.perf_count
 
 
 def export_random(work: Path, preset: str, seed: int, **overrides) -> Path:
-    """A random-weight transformers folder of the preset with GPT-2 tokenizer files (a GPT2TokenizerFast saved
+    """A random-weight transformers folder of the preset (vocabulary cut to GPT-2's 50,257) with GPT-2 tokenizer files (a GPT2TokenizerFast saved
     from tiktoken's cached BPE files, so any architecture's folder loads it through AutoTokenizer)."""
     from bench_dpo import GPT2_BPE_BASE, GPT2_BPE_FILES
     from tiktoken.load import read_file_cached
@@ -75,8 +75,8 @@ def export_random(work: Path, preset: str, seed: int, **overrides) -> Path:
     from nanolab.models import preset as preset_config
 
     torch.manual_seed(seed)
-    cfg = preset_config(preset, **overrides)
-    model = build_model(cfg if cfg.vocab_size >= 50257 else preset_config(preset, vocab_size=50304, **overrides))
+    # the tokenizer's exact vocabulary: a random model draws every id it has, and each must decode
+    model = build_model(preset_config(preset, **{**overrides, "vocab_size": 50257}))
     out = work / "hf_model"
     export_hf(model, str(out))
     gpt2 = work / "gpt2_tokenizer"  # a GPT-2 folder's files, read by AutoTokenizer as GPT-2's, then saved
@@ -108,11 +108,13 @@ def run_nanolab(hf_dir: Path, work: Path, args) -> dict:
             "generation_s": summary["generation_s"]}
 
 
-def run_transformers(hf_dir: Path, prompts: list[str], args) -> dict:
+def run_transformers(hf_dir: Path, work: Path, prompts: list[str], args) -> dict:
     cfg = {"hf_dir": str(hf_dir), "device": args.device, "prompts": prompts, "batch_size": args.batch_size,
            "max_new_tokens": args.max_new_tokens, "cache": args.hf_cache}
+    cfg_file = work / "transformers_driver.json"  # the prompts are too long for a command line
+    cfg_file.write_text(json.dumps(cfg))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cfg)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(cfg_file)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"the transformers driver exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -150,7 +152,7 @@ def main() -> None:
     template = math_grader.load_prompt("r1_zero")
     prompts = [math_grader.format_prompt(template, q["problem"])
                for q in load_problems(args.dataset, args.limit, args.data_dir)]
-    rows = [run_transformers(hf_dir, prompts, args), run_nanolab(hf_dir, work, args)]
+    rows = [run_transformers(hf_dir, work, prompts, args), run_nanolab(hf_dir, work, args)]
     base = rows[0]["generated_tokens"] / rows[0]["generation_s"]
     print(f"\n## {len(prompts)} problems of {args.dataset}, r1_zero prompt, greedy, <= {args.max_new_tokens} tokens, "
           f"batch {args.batch_size}, {args.preset if not args.hf_dir else hf_dir} on {args.device}")
