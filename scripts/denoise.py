@@ -40,6 +40,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -207,25 +208,73 @@ def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: fl
     return tok, logits.softmax(-1).gather(-1, tok[..., None])[..., 0]
 
 
+def _forward(model: CausalLM, x: torch.Tensor, autocast, graphs: dict | None):
+    """(input buffer, fn): fn() returns model(buffer)[0], the (n, length, V + 1) logits for the buffer's current
+    contents. On CUDA the forward is captured once as a CUDA graph (kept in `graphs`, keyed by the model and the
+    shape, when the caller passes a dict) and replayed: one launch per step instead of one per kernel, which at
+    this model size is most of the time. The buffer is then the graph's static input; the returned logits are
+    overwritten by the next call. Elsewhere, or when capture fails, the plain eager forward on x."""
+    def eager():
+        with autocast or torch.autocast(x.device.type, enabled=False):
+            return model(x)[0]
+
+    if x.device.type != "cuda" or graphs is None:
+        return x, eager
+    amp = (autocast.fast_dtype, autocast._enabled) if isinstance(autocast, torch.autocast) else None
+    key = (id(model), model.lm_head.weight.data_ptr(), tuple(x.shape), amp)
+    if key not in graphs:
+        # autocast's weight-cast cache must be off while capturing: a cached cast would be baked into the graph
+        # as a pointer to a tensor freed when the autocast region ends (and stale after an optimizer step)
+        ctx = (torch.autocast("cuda", dtype=autocast.fast_dtype, enabled=autocast._enabled, cache_enabled=False)
+               if amp else torch.autocast("cuda", enabled=False))
+        static = x.clone()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with ctx, torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture asks
+                for _ in range(2):
+                    model(static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with ctx, torch.cuda.graph(graph):
+                out = model(static)[0]
+        except Exception as e:  # an op that cannot be captured: stay correct, run eagerly
+            warnings.warn(f"CUDA graph capture of the denoiser's forward failed ({e!r}); sampling eagerly",
+                          stacklevel=3)
+            return x, eager
+        graphs[key] = (graph, static, out)
+    graph, static, out = graphs[key]
+    static.copy_(x)
+
+    def replay():
+        graph.replay()
+        return out
+
+    return static, replay
+
+
 @torch.no_grad()
 def sample_mdlm(model: CausalLM, n: int, length: int, mask_id: int, steps: int, prompt: list[int] | None = None,
                 remask: str = "low_confidence", block_len: int | None = None, temperature: float = 1.0,
                 top_k: int | None = None, top_p: float | None = None, sched: str = "loglinear", seed: int = 0,
-                autocast=None) -> torch.Tensor:
+                autocast=None, graphs: dict | None = None) -> torch.Tensor:
     """n sequences (n, length) of real tokens: the prompt, then positions filled from masks by the reverse process
-    (see the module docstring). Never changes a token once unmasked."""
+    (see the module docstring). Never changes a token once unmasked. On CUDA, pass a dict as `graphs` to run the
+    forward as a CUDA graph captured on the first call and reused by later calls of the same shape (same samples
+    as eager: the same kernels on the same inputs)."""
     device = model.lm_head.weight.device
     gen = torch.Generator(device).manual_seed(seed)
     prompt = list(prompt or [])
-    x = torch.full((n, length), mask_id, dtype=torch.long, device=device)
-    x[:, :len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     L = length - len(prompt)
     bl = block_len or L
     blocks = [(s, min(s + bl, length)) for s in range(len(prompt), length, bl)]
     if steps < len(blocks):
         raise ValueError(f"{steps} steps cannot fill {len(blocks)} blocks (at least one step per block)")
+    x = torch.full((n, length), mask_id, dtype=torch.long, device=device)
+    x[:, :len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
+    x, forward = _forward(model, x, autocast, graphs)
     for b, (lo, hi) in enumerate(blocks):
         k_steps = steps // len(blocks) + (b < steps % len(blocks))
         ts = torch.linspace(1, 0, k_steps + 1, dtype=torch.float64)
@@ -235,8 +284,7 @@ def sample_mdlm(model: CausalLM, n: int, length: int, mask_id: int, steps: int, 
             count = masked_left[k] - masked_left[k + 1]
             if count == 0:
                 continue
-            with autocast or torch.autocast(device.type, enabled=False):
-                logits = model(x)[0][:, lo:hi]
+            logits = forward()[:, lo:hi]
             tok, conf = _draw(real_logits(logits, mask_id), temperature, top_k, top_p, gen)
             score = conf if remask == "low_confidence" else torch.rand(conf.shape, dtype=torch.float64,
                                                                         device=device, generator=gen)
@@ -244,7 +292,7 @@ def sample_mdlm(model: CausalLM, n: int, length: int, mask_id: int, steps: int, 
             chosen = score.masked_fill(~still, -math.inf).topk(count, dim=-1).indices
             x[:, lo:hi].scatter_(1, chosen, tok.gather(1, chosen))
     model.train(was_training)
-    return x
+    return x.clone()
 
 
 # ----------------------------------------------------------------------------- the run

@@ -257,6 +257,21 @@ def test_sampler_fills_masks_and_one_step_is_argmax(dn):
         dn.sample_mdlm(m, 1, 16, V, 2, prompt, block_len=4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_sampler_cuda_graph_gives_the_eager_samples(dn):
+    """The captured forward replays the same kernels on the same inputs: the same tokens as eager sampling, on the
+    first call (capture) and on a later call that reuses the graph, with and without bf16 autocast."""
+    m, V = tiny(False, vocab=11), 10
+    m = m.cuda()
+    for autocast in (None, torch.autocast("cuda", dtype=torch.bfloat16)):
+        graphs: dict = {}
+        for seed in (0, 1):
+            kw = dict(temperature=1.0, seed=seed, autocast=autocast)
+            eager = dn.sample_mdlm(m, 4, 16, V, 8, [3, 1], "random", **kw)
+            graphed = dn.sample_mdlm(m, 4, 16, V, 8, [3, 1], "random", graphs=graphs, **kw)
+            assert len(graphs) == 1 and torch.equal(eager, graphed), (autocast, seed)
+
+
 class Recorder(torch.nn.Module):
     """The model, keeping a copy of every input it is called with: the sampler's state before each step."""
 
