@@ -1,8 +1,9 @@
-"""Denoising language models on tiny Shakespeare: BERT-style masking and masked diffusion (MDLM), single process or DDP.
+"""Denoising language models on tiny Shakespeare: BERT-style masking and masked diffusion (MDLM); DDP or FSDP2.
 
     python scripts/denoise.py --objective mdlm --max_iters 1000 --out_dir out/mdlm --sample
     python scripts/denoise.py --objective bert --bert_rate 0.15 --bert_replace 80/10/10 --out_dir out/bert
     torchrun --standalone --nproc_per_node=2 scripts/denoise.py ...     # DDP, as scripts/train.py
+    torchrun --standalone --nproc_per_node=8 scripts/denoise.py --fsdp ...   # FSDP2, sharded checkpoints
     python scripts/denoise.py --out_dir out/mdlm --resume               # exact resume (flags from the run)
 
 The model is a nanolab family with causal=False (every position attends to every position) and one more token than
@@ -45,7 +46,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from nanolab import dist, run
+from nanolab import dist, fsdp, run
 from nanolab.data import BatchIterator, load_tokens
 from nanolab.models import FAMILIES, CausalLM
 from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
@@ -84,6 +85,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--batch_size", type=int, default=12, help="sequences per micro-batch per rank")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step, per rank")
     run.add_model_args(p, FAMILIES, init_from_help="'scratch' or a denoise.py checkpoint/run folder")
+    run.add_parallel_args(p)
     run.add_optim_args(p, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1)
     a = p.add_argument_group("optimizer").add_argument
     a("--max_iters", type=int, default=2000, help="optimizer steps in total")
@@ -299,7 +301,7 @@ def sample_mdlm(model: CausalLM, n: int, length: int, mask_id: int, steps: int, 
 
 
 def train(args) -> int:
-    env = run.setup(args.device, args.dtype, args.deterministic)
+    env = run.setup(args.device, args.dtype, args.deterministic, args.dist_timeout)
     device, autocast = env.device, env.autocast
     meaning = {k: getattr(args, k) for k in ("objective", "schedule", "eps", "antithetic", "bert_rate", "bert_replace",
                                              "loss_on", "dataset", "text_file", "batch_size",
@@ -325,20 +327,21 @@ def train(args) -> int:
     if block_size > cfg.block_size:
         raise run.UsageError(f"--block_size {block_size} exceeds the model's block_size {cfg.block_size}")
     model.to(device)
+    if args.fsdp:  # sharded in place; the optimizer is built over the shards
+        model = run.wrap_model(model, env, fsdp=True, cpu_offload=args.cpu_offload)
     optimizer = build_adamw(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2), device.type)
     train_iter = BatchIterator(train_data, args.batch_size, block_size, args.seed, env.rank, env.world_size, device)
     torch.manual_seed(args.seed + env.rank)  # per-rank stream: t, masks, dropout
     saved = run.restore(rd, env, model, optimizer, train_iter, args.seed) if rd.resume_from else None
     step = start_step = saved["step"] if saved else 0
     raw_model = model
-    train_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else model
+    train_model = model if args.fsdp else run.wrap_model(model, env)
 
     tokens_per_step = args.batch_size * block_size * args.gradient_accumulation_steps * env.world_size
     tracker = run.open_tracker(rd, env, args, args.max_iters, start_step, saved)
     unit = "char" if args.dataset == "char" else "token"
     tracker.print(f"{cfg.family} (causal=False, mask id {mask_id}) {args.objective}: {raw_model.num_params() / 1e6:.2f}M "
-                  f"parameters, {env.world_size} x {device}, {env.dtype}, {tokens_per_step:,} tokens/step, "
+                  f"parameters, {env.world_size} x {device}{' (FSDP)' if fsdp.is_sharded_model(raw_model) else ''}, {env.dtype}, {tokens_per_step:,} tokens/step, "
                   f"steps {start_step} -> {args.max_iters}")
 
     def loss_of(x: torch.Tensor, m: torch.nn.Module) -> torch.Tensor:
@@ -391,7 +394,7 @@ def train(args) -> int:
                         metrics = evaluate()
                         tracker.log({"step": step, **metrics}, echo=True)
                         run.check_finite(metrics, step, rd)
-                        if env.main and args.sample:
+                        if args.sample and (env.main or fsdp.is_sharded_model(raw_model)):  # sharded: every rank
                             out = sample_mdlm(raw_model, 1, block_size, mask_id, args.steps, tokenizer.encode("\n"),
                                               args.remask, args.block_len, args.temperature, args.top_k, args.top_p,
                                               args.schedule, args.seed + step, autocast)
@@ -401,7 +404,7 @@ def train(args) -> int:
                         run.save(rd, env, step, raw_model, optimizer,
                                  {"args": {k: v for k, v in vars(args).items() if k != "replace"},
                                   "data": train_iter.state_dict(), "metrics": metrics},
-                                 args.keep_last, tracker, tokenizer=tokenizer)
+                                 args.keep_last, tracker, tokenizer=tokenizer, sharded=args.fsdp)
             if at_end:
                 break
 
@@ -410,14 +413,17 @@ def train(args) -> int:
             step_loss.zero_()
             for micro in range(args.gradient_accumulation_steps):
                 x = next(train_iter)[0]
-                if env.ddp:
-                    train_model.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1
+                # reduce gradients across ranks only on the last micro-batch (DDP and FSDP)
+                fsdp.set_gradient_sync(train_model, micro == args.gradient_accumulation_steps - 1)
                 with autocast:
                     loss = loss_of(x, train_model)
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.detach().float()
             bad.add_((~torch.isfinite(step_loss)).float())
-            clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, bad)
+            # FSDP: the parameters are DTensors and clip_grad_norm_ takes the total norm over every shard
+            norm = clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, None if args.fsdp else bad)
+            if args.fsdp and norm is not None:
+                bad.add_((~torch.isfinite(fsdp.local_norm(norm))).float())
             step += 1
             meter.tick()
             tracker.update(1)
