@@ -1,9 +1,10 @@
-"""Supervised fine-tuning (SFT) with response masks: full or LoRA, padded or packed batches, single process or DDP.
+"""Supervised fine-tuning (SFT) with response masks: full or LoRA, padded or packed batches; DDP or FSDP2.
 
     python scripts/sft.py --data sft.jsonl --init_from out/char --max_iters 500 --out_dir out/sft
     python scripts/sft.py --data chat.jsonl --init_from path/to/hf-folder --lora_r 16 --packing --epochs 2
     python scripts/sft.py --data sft.jsonl --init_from scratch --preset gpt2-char-tiny --tokenizer char
     torchrun --standalone --nproc_per_node=2 scripts/sft.py ...           # DDP: gloo on CPU, NCCL on CUDA
+    torchrun --standalone --nproc_per_node=8 scripts/sft.py --fsdp ...    # FSDP2 (full fine-tuning)
     python scripts/sft.py --out_dir out/sft --resume                      # continue exactly (flags from the run)
 
 Data (nanolab/sft_data.py): JSONL(.gz) rows {prompt, response} (--prompt_field, --response_field) or chat rows
@@ -43,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from nanolab import dist, run
+from nanolab import dist, fsdp, run
 from nanolab.checkpoint import read_state
 from nanolab.data import file_sha256, step_indices
 from nanolab.errors import UsageError
@@ -83,6 +84,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--batch_size", type=int, default=8, help="examples per micro-batch per rank (default: 8)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step, per rank")
     run.add_model_args(p, FAMILIES)
+    run.add_parallel_args(p)
     a = p.add_argument_group("model").add_argument
     a("--tokenizer", default=None, help="with --init_from scratch: 'char' (the characters of the data), 'gpt2', "
       "or a tokenizer file / Hugging Face folder")
@@ -118,6 +120,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if not args.lora_alpha > 0:
         p.error(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if args.fsdp and args.lora_r:
+        p.error("--fsdp with --lora_r: not supported by sft.py (its adapter-only and merged LoRA checkpoints are "
+                "single files); LoRA runs use DDP, whose adapters are small")
     if args.lora_r == 0:
         run.ignored_with(p, args, ["lora_alpha", "lora_targets", "lora_dropout"], "--lora_r 0 (full fine-tuning)")
     if args.val_data is not None and args.val_fraction is not None:
@@ -142,7 +147,7 @@ def scratch_tokenizer(name: str | None, rows: list[dict], chat_template: str | N
 
 
 def sft(args) -> int:
-    env = run.setup(args.device, args.dtype, args.deterministic)
+    env = run.setup(args.device, args.dtype, args.deterministic, args.dist_timeout)
     device, world, rank = env.device, env.world_size, env.rank
     rd = run.open_run(args.out_dir, env, SCRIPT, args.resume, {k: getattr(args, k) for k in MEANING}, args)
     if args.data is None:
@@ -207,6 +212,9 @@ def sft(args) -> int:
         apply_lora(model, args.lora_r, args.lora_alpha, targets, args.lora_dropout)
     model.gradient_checkpointing = args.gradient_checkpointing
     model.to(device)
+    if args.fsdp:  # sharded in place; the optimizer (and clipping) see the shards
+        model = run.wrap_model(model, env, fsdp=True, cpu_offload=args.cpu_offload)
+    sharded = fsdp.is_sharded_model(model)  # a sharded forward is collective: every rank runs each one
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_adamw(model, args.learning_rate, args.weight_decay, (args.beta1, args.beta2), device.type)
     micro, accum = args.batch_size, args.gradient_accumulation_steps
@@ -225,8 +233,7 @@ def sft(args) -> int:
         torch.manual_seed(args.seed + rank)  # dropout streams
     step = start = saved["step"] if saved else 0
     raw = model
-    train_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if env.ddp else model
+    train_model = model if args.fsdp else run.wrap_model(model, env)
     multiple = 64 if device.type == "cuda" and cfg.block_size % 64 == 0 else 1
 
     def batch(data, idx):
@@ -237,7 +244,7 @@ def sft(args) -> int:
                   f"trained{f', LoRA r={args.lora_r}' if lora else ''}), {'chat' if chat else 'prompt/response'} "
                   f"data: {len(train)} train / {len(val)} val examples ({train.dropped + val.dropped} dropped), "
                   f"{per_step} examples/step{', packed' if args.packing else ''}, steps {start} -> {total}, "
-                  f"{world} x {device}, {env.dtype}")
+                  f"{world} x {device}{' (FSDP)' if sharded else ''}, {env.dtype}")
 
     def evaluate() -> dict[str, float]:
         """val_loss: the mean CE per response token over the validation examples (every rank a share)."""
@@ -246,14 +253,19 @@ def sft(args) -> int:
         if len(val):
             sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens
             with torch.no_grad():
-                for s in range(rank * micro, len(val), micro * world):
-                    idx = range(s, min(s + micro, len(val)))
-                    with env.autocast:
-                        sums[0] += summed_loss(raw, batch(val, idx))
-                    sums[1] += val.count(idx)
+                for s in range(0, len(val), micro * world):
+                    lo = min(s + rank * micro, len(val))
+                    idx = range(lo, min(lo + micro, len(val)))
+                    if not len(idx) and not sharded:
+                        continue
+                    with env.autocast:  # sharded, a rank with no examples left runs one and drops it
+                        loss = summed_loss(raw, batch(val, idx if len(idx) else range(1)))
+                    if len(idx):
+                        sums[0] += loss
+                        sums[1] += val.count(idx)
             sums = dist.all_reduce_sum(sums)
             out["val_loss"] = float(sums[0] / sums[1])
-        if math_eval is not None and env.main:  # greedy generation on rank 0 only; logged, not checked
+        if math_eval is not None and (env.main or sharded):  # greedy, on rank 0 (sharded: on all, identically)
             with env.autocast:
                 _, summary = math_eval.evaluate_math(raw, tokenizer, problems, prompt=args.eval_math_prompt,
                                                      max_new_tokens=args.eval_math_max_new_tokens, progress=False)
@@ -268,7 +280,7 @@ def sft(args) -> int:
                      tokenizer=tokenizer)
         else:
             run.save(rd, env, s, raw, optimizer, state, args.keep_last, tracker, tokenizer=tokenizer,
-                     adapter_only=lora)
+                     sharded=args.fsdp, **({"adapter_only": True} if lora else {}))
 
     metrics: dict[str, float] = {}
     bad = torch.zeros((), device=device)  # > 0 once a loss or gradient norm was non-finite (checked when logging)
@@ -301,14 +313,16 @@ def sft(args) -> int:
             mine = idx[rank * micro * accum:(rank + 1) * micro * accum]
             step_sum = torch.zeros((), device=device)
             for m in range(accum):
-                if env.ddp:  # all-reduce the gradients on the last micro-batch only
-                    train_model.require_backward_grad_sync = m == accum - 1
+                fsdp.set_gradient_sync(train_model, m == accum - 1)  # reduce on the last micro-batch only
                 with env.autocast:
                     s = summed_loss(train_model, batch(train, mine[m * micro:(m + 1) * micro]))
                 (s * (world / n_tokens)).backward()  # DDP averages over ranks: * world makes it the global sum
                 step_sum += s.detach()
             bad.add_((~torch.isfinite(step_sum)).float())
-            norm = clip_and_step(optimizer, params, args.grad_clip, bad)
+            # FSDP: clip_grad_norm_ over DTensor shards gives the total norm (a DTensor: fsdp.local_norm reads it)
+            norm = fsdp.local_norm(clip_and_step(optimizer, params, args.grad_clip, None if sharded else bad))
+            if sharded and norm is not None:
+                bad.add_((~torch.isfinite(norm)).float())
             loss_sum += step_sum
             log_tokens += n_tokens
             log_inputs += train.positions(idx)

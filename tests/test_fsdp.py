@@ -161,6 +161,45 @@ def test_denoise_fsdp_matches_ddp_and_resumes_sharded(data_dir, tmp_path):
         torch.testing.assert_close(t, wa[name], atol=1e-6, rtol=0, msg=name)
 
 
+def test_sft_fsdp_matches_one_process(data_dir, tmp_path, monkeypatch):
+    """sft.py --fsdp, full fine-tuning: 2 ranks x 2 examples x accumulation 2 == 1 process x 4 x 2 within 1e-5
+    (the loss is normalised by the step's response tokens, so the split does not matter): losses, val losses and
+    the final weights; 9 validation examples leave one rank without a last batch (it must still take part in
+    every sharded forward)."""
+    import random
+
+    r = random.Random(0)
+    words = ["".join(r.choice("abcdefgh") for _ in range(r.randint(2, 10))) for _ in range(60)]
+    rows = [json.dumps({"prompt": w + "=", "response": w[::-1] + "."}) + "\n" for w in words]
+    (tmp_path / "train.jsonl").write_text("".join(rows[:51]))
+    (tmp_path / "val.jsonl").write_text("".join(rows[51:]))
+    flags = ["--data", str(tmp_path / "train.jsonl"), "--val_data", str(tmp_path / "val.jsonl"), "--init_from",
+             "scratch", "--preset", "gpt2-char-tiny", "--n_layer", "2", "--n_embd", "16", "--n_head", "2",
+             "--tokenizer", "char", "--dtype", "float32", "--device", "cpu", "--max_iters", "4", "--eval_interval",
+             "2", "--log_interval", "1", "--learning_rate", "3e-3", "--warmup_iters", "1", "--grad_clip", "0.5",
+             "--gradient_accumulation_steps", "2"]
+    sharded, single = tmp_path / "fsdp", tmp_path / "single"
+    proc = torchrun(data_dir, *flags, "--batch_size", "2", "--fsdp", "--out_dir", str(sharded),
+                    script=REPO / "scripts" / "sft.py")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    sft = load_script(REPO / "scripts" / "sft.py", "nanolab_sft_fsdp")
+    assert sft.main(flags + ["--batch_size", "4", "--out_dir", str(single)]) == 0
+    assert "2 x cpu (FSDP)" in finish(proc)
+    assert (sharded / "step000004" / ".metadata").is_file()
+    rows_ = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (sharded, single)]
+    assert [r["step"] for r in rows_[0]] == [r["step"] for r in rows_[1]]
+    assert sum("val_loss" in r for r in rows_[0]) == 3
+    for a, b in zip(*rows_):
+        for key in ("loss", "val_loss", "grad_norm"):
+            assert (key in a) == (key in b) and abs(a.get(key, 0) - b.get(key, 0)) <= 1e-5, (key, a, b)
+    wa, wb = weights(sharded), weights(single)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0, msg=name)
+    with pytest.raises(SystemExit) as e:  # LoRA's adapter-only and merged checkpoints are single files
+        sft.main(flags + ["--fsdp", "--lora_r", "4", "--out_dir", str(tmp_path / "lora")])
+    assert e.value.code == 2
+
+
 def test_resume_batch_follows_world_size(train):
     saved = {"path": "x", "world_size": 2, "meaning": {"batch_size": 4}}
     args = argparse.Namespace(batch_size=12, flags_given=[])
