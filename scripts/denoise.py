@@ -86,6 +86,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step, per rank")
     run.add_model_args(p, FAMILIES, init_from_help="'scratch' or a denoise.py checkpoint/run folder")
     run.add_parallel_args(p)
+    p.add_argument_group("model").add_argument(
+        "--gradient_checkpointing", action="store_true",
+        help="recompute each block's activations in the backward (less memory, ~1/3 more compute)")
     run.add_optim_args(p, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1)
     a = p.add_argument_group("optimizer").add_argument
     a("--max_iters", type=int, default=2000, help="optimizer steps in total")
@@ -326,6 +329,7 @@ def train(args) -> int:
     block_size = args.block_size or cfg.block_size
     if block_size > cfg.block_size:
         raise run.UsageError(f"--block_size {block_size} exceeds the model's block_size {cfg.block_size}")
+    model.gradient_checkpointing = args.gradient_checkpointing
     model.to(device)
     if args.fsdp:  # sharded in place; the optimizer is built over the shards
         model = run.wrap_model(model, env, fsdp=True, cpu_offload=args.cpu_offload)

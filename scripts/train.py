@@ -63,6 +63,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="model vocabulary (default: the tokenizer's; e.g. 50304 pads GPT-2's 50257 to a multiple of 64)")
     a("--bias", choices=["true", "false"], default=None,
       help="GPT-2 only: biases in Linear and LayerNorm (default: the preset's, true; nanoGPT's default is false)")
+    a("--gradient_checkpointing", action="store_true",
+      help="recompute each block's activations in the backward (less memory, ~1/3 more compute)")
     a("--activation", choices=["gelu_tanh", "gelu"], default=None,
       help="GPT-2 only: GELU's tanh approximation (GPT-2 as published, the default) or the exact erf GELU "
            "(nanoGPT's; its forward + backward ~2.3x faster on a CPU)")
@@ -136,6 +138,7 @@ def train(args) -> int:
     block_size = args.block_size or cfg.block_size
     if block_size > cfg.block_size:
         raise run.UsageError(f"--block_size {block_size} exceeds the model's block_size {cfg.block_size}")
+    model.gradient_checkpointing = args.gradient_checkpointing
     model.to(device)
     if args.fsdp:  # sharded in place; the optimizer is built over the shards
         model = run.wrap_model(model, env, fsdp=True, cpu_offload=args.cpu_offload)
