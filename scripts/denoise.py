@@ -24,7 +24,17 @@ gets t = eps + (1 - eps)(b + u_b)/B), each token becomes m independently with pr
 
 Unmasked tokens are carried over (they cost nothing, as in the reverse process). The training loss is the batch mean
 of w(t) * sum(masked CE) / T (nats per token); t drawn on U(eps, 1) rather than U(0, 1) changes the integral by
-about eps * T * (clean CE), negligible at eps = 1e-3. Validation reports the NELBO in bits per token (per character
+about eps * T * (clean CE), negligible at eps = 1e-3.
+
+--estimator count: the same NELBO (t on (0, 1); it does not depend on the schedule) estimated by the number of
+masks instead of the time. Masking each token with probability p and integrating w(t) dt = dp / p gives every set S
+of |S| = k masked positions the weight B(k, T - k + 1) = 1 / (k C(T, k)), so
+
+    NELBO(x) = sum_k 1/(k C(T,k)) sum_{|S| = k} C(S) = E_{k ~ U{1..T}} [ (T / k) * sum_{i in S} -log p_theta(x_i | x_S masked) ]
+
+with S a uniformly random k-subset (the any-order autoregressive form). Its weight is at most T (the time
+estimator's w(t) reaches 1/eps) and the number of masks is not random given k: a lower-variance loss and bound.
+--antithetic stratifies k over the batch. Validation reports the NELBO in bits per token (per character
 with --dataset char) on fixed val windows, --eval_t_draws t draws per window from a fixed seed, with the standard
 error over windows; bert reports the masked-token accuracy and loss at the training rate.
 
@@ -61,7 +71,10 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--objective", choices=["mdlm", "bert"], default="mdlm", help="masked diffusion or BERT masking (default: mdlm)")
     a("--schedule", choices=SCHEDULES, default="loglinear", help="mdlm: alpha_t (default: loglinear, alpha_t = 1 - t)")
     a("--eps", type=float, default=1e-3, help="mdlm: t ~ U(eps, 1) (default: 1e-3)")
-    a("--antithetic", action="store_true", help="mdlm: stratified t over the batch (lower-variance loss)")
+    a("--antithetic", action="store_true", help="mdlm: stratified t (or k) over the batch (lower-variance loss)")
+    a("--estimator", choices=["time", "count"], default="time",
+      help="mdlm: draw t and mask each token w.p. 1 - alpha_t, weight w(t) (time), or draw the number of masks k ~ "
+           "U{1..T}, weight T/k (count): the same NELBO, lower variance (see the docstring) (default: time)")
     a("--bert_rate", type=float, default=0.15, help="bert: fraction of positions selected (default: 0.15)")
     a("--bert_replace", default="80/10/10", help="bert: percent of selected -> mask/random/unchanged (default 80/10/10)")
     a("--loss_on", choices=["selected", "all"], default="selected", help="bert: loss positions (default: selected)")
@@ -103,9 +116,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                 f"{args.bert_replace!r}")
     sampling = ["steps", "remask", "block_len", "temperature", "top_k", "top_p"]
     if args.objective == "bert":
-        run.ignored_with(p, args, ["schedule", "eps", "antithetic", "eval_t_draws"], "--objective bert")
+        run.ignored_with(p, args, ["schedule", "eps", "antithetic", "eval_t_draws", "estimator"], "--objective bert")
     else:
         run.ignored_with(p, args, ["bert_rate", "bert_replace", "loss_on"], "--objective mdlm")
+        if args.estimator == "count":
+            run.ignored_with(p, args, ["eps"], "--estimator count (it estimates the t in (0, 1) bound)")
     if not args.sample:
         run.ignored_with(p, args, sampling, "no --sample")
     if args.lr_decay_iters is None:
@@ -144,6 +159,15 @@ def sample_t(batch: int, eps: float, antithetic: bool, device, generator: torch.
     return eps + (1 - eps) * u
 
 
+def sample_k(batch: int, length: int, antithetic: bool, device, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+    """(batch,) numbers of masks on U{1..length}; antithetic: row b uniform on its stratum of the batch."""
+    u = torch.rand(batch, device=device, generator=generator)
+    if antithetic:
+        u = (torch.arange(batch, device=device) + u) / batch
+    return (u * length).long().clamp_max(length - 1) + 1
+
+
 def real_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """float32 logits with the mask token's set to -inf: the model predicts real tokens only."""
     return logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
@@ -158,7 +182,22 @@ def mdlm_terms(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, mask_id
     p_mask, w = schedule(sched, t)
     if u is None:
         u = torch.rand(x.shape, device=x.device, generator=generator)
-    masked = u < p_mask[:, None]
+    return _weighted_masked_ce(model, x, u < p_mask[:, None], w, mask_id)
+
+
+def mdlm_count_terms(model: torch.nn.Module, x: torch.Tensor, k: torch.Tensor, mask_id: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sequence (T / k_b) * sum_{i in S_b} -log p(x_bi | x_b with S_b masked) in nats, (B,), for x (B, T) and
+    k (B,) in 1..T, S_b a uniformly random k_b-subset of the positions (the --estimator count form of the NELBO)."""
+    scores = torch.rand(x.shape, device=x.device, generator=generator)
+    kth = scores.sort(-1).values.gather(1, (k - 1)[:, None])  # the k-th smallest score: exactly k at or below
+    return _weighted_masked_ce(model, x, scores <= kth, x.shape[1] / k, mask_id)
+
+
+def _weighted_masked_ce(model: torch.nn.Module, x: torch.Tensor, masked: torch.Tensor, w: torch.Tensor,
+                        mask_id: int) -> torch.Tensor:
+    """(B,) w_b * sum over the masked positions of row b of -log p(x_bi | z_b), z = x with `masked` set to the mask
+    token. Only the masked positions go through the LM head (model(..., select=masked) -> (N, V + 1))."""
     z = torch.where(masked, mask_id, x)
     logits, _ = model(z, select=masked)
     ce = F.cross_entropy(real_logits(logits, mask_id), x[masked], reduction="none")  # (N,)
@@ -306,7 +345,7 @@ def sample_mdlm(model: CausalLM, n: int, length: int, mask_id: int, steps: int, 
 def train(args) -> int:
     env = run.setup(args.device, args.dtype, args.deterministic, args.dist_timeout)
     device, autocast = env.device, env.autocast
-    meaning = {k: getattr(args, k) for k in ("objective", "schedule", "eps", "antithetic", "bert_rate", "bert_replace",
+    meaning = {k: getattr(args, k) for k in ("objective", "schedule", "eps", "antithetic", "estimator", "bert_rate", "bert_replace",
                                              "loss_on", "dataset", "text_file", "batch_size",
                                              "gradient_accumulation_steps", "block_size", "model", "preset",
                                              "n_layer", "n_head", "n_embd")}
@@ -348,10 +387,17 @@ def train(args) -> int:
                   f"parameters, {env.world_size} x {device}{' (FSDP)' if fsdp.is_sharded_model(raw_model) else ''}, {env.dtype}, {tokens_per_step:,} tokens/step, "
                   f"steps {start_step} -> {args.max_iters}")
 
+    def nelbo_terms(m: torch.nn.Module, x: torch.Tensor, antithetic: bool, gen: torch.Generator | None = None
+                    ) -> torch.Tensor:
+        """One draw of the per-sequence NELBO estimate, (B,) nats, by --estimator."""
+        if args.estimator == "count":
+            return mdlm_count_terms(m, x, sample_k(len(x), x.shape[1], antithetic, x.device, gen), mask_id, gen)
+        t = sample_t(len(x), args.eps, antithetic, x.device, gen)
+        return mdlm_terms(m, x, t, mask_id, args.schedule, generator=gen)
+
     def loss_of(x: torch.Tensor, m: torch.nn.Module) -> torch.Tensor:
         if args.objective == "mdlm":
-            t = sample_t(len(x), args.eps, args.antithetic, x.device)
-            return mdlm_terms(m, x, t, mask_id, args.schedule).mean() / x.shape[1]
+            return nelbo_terms(m, x, args.antithetic).mean() / x.shape[1]
         return bert_loss(m, x, args, mask_id)[0]
 
     @torch.no_grad()
@@ -365,8 +411,7 @@ def train(args) -> int:
             x = next(batches)[0]
             with autocast:
                 if args.objective == "mdlm":
-                    per = torch.stack([mdlm_terms(raw_model, x, sample_t(len(x), args.eps, False, device, gen),
-                                                  mask_id, args.schedule, generator=gen)
+                    per = torch.stack([nelbo_terms(raw_model, x, False, gen)
                                        for _ in range(args.eval_t_draws)]).double().mean(0)
                     bits = per / (block_size * math.log(2))  # per window: NELBO bits per token
                     acc += torch.stack([torch.tensor(float(len(x)), device=device, dtype=torch.float64),
