@@ -238,6 +238,7 @@ def train(args) -> int:
                        "time_s": time.perf_counter() - t_start}
                 if device.type == "cuda":
                     row["mfu"] = mfu(flops_per_token, row["tokens_per_s"] / env.world_size, args.peak_flops)
+                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # this rank's
                 tracker.log(row, echo=True)
     finally:
         tracker.close()

@@ -154,6 +154,16 @@ def test_tiny_json_round_trip(key):
     assert build_model(cfg.to_dict()).num_params() == build_model(cfg).num_params()
 
 
+def test_olmo2_7b_preset_has_the_published_shape():
+    """OLMo-2-1124-7B: 32 layers of 4096 (32 heads, MLP 11008), vocabulary 100352, untied head: the sum of its
+    weight shapes, counted here by formula, equals the built model's parameters."""
+    with torch.device("meta"):
+        model = build_model(preset("olmo2-7b"))
+    d, L, ff, V = 4096, 32, 11008, 100352
+    per_layer = 4 * d * d + 2 * d + 3 * d * ff + 2 * d  # q, k, v, o; q/k norms; SwiGLU; two block norms
+    assert model.num_params() == 2 * V * d + L * per_layer + d == 7_298_617_344
+
+
 def test_param_and_flop_counts():
     with torch.device("meta"):  # counting only: no memory, no init
         models = {n: build_model(preset(n)) for n in ("gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1558m")}

@@ -37,6 +37,9 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "olmo2-124m": ("olmo2", dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)),
     "olmo2-1b": ("olmo2", dict(vocab_size=100352, block_size=4096, n_layer=16, n_head=16, n_embd=2048,
                                intermediate_size=8192)),
+    # allenai/OLMo-2-1124-7B's shape (config.json): 7,298,617,344 parameters, untied head
+    "olmo2-7b": ("olmo2", dict(vocab_size=100352, block_size=4096, n_layer=32, n_head=32, n_embd=4096,
+                               intermediate_size=11008)),
     "mla-char-tiny": ("mla", dict(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, kv_lora_rank=32,
                                   qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)),
     "mla-char-small": ("mla", dict(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, kv_lora_rank=96,
