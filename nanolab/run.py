@@ -147,7 +147,7 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("parallelism (under torchrun)").add_argument
     a("--fsdp", action="store_true",
       help="shard parameters, gradients and optimizer state over the ranks (FSDP2: per block, then the root; bf16 "
-           "parameters with fp32 reduction on CUDA) and write sharded checkpoints (torch.distributed.checkpoint) "
+           "parameters with fp32 reduction in a bf16 run on CUDA) and write sharded checkpoints (torch.distributed.checkpoint) "
            "that resume on any number of ranks; default: DDP and single-file checkpoints")
     a("--cpu_offload", action="store_true", help="with --fsdp: keep parameters, gradients and optimizer state on "
                                                   "the CPU between uses (the optimizer step runs on the CPU)")
@@ -297,7 +297,8 @@ def seed_everything(seed: int) -> None:
 
 def wrap_model(model: torch.nn.Module, env: Env, fsdp: bool = False, cpu_offload: bool = False,
                mixed_precision: bool | None = None) -> torch.nn.Module:
-    """The model to train with, across torchrun's ranks: FSDP2-sharded in place (fsdp; nanolab.fsdp.shard_model),
+    """The model to train with, across torchrun's ranks: FSDP2-sharded in place (fsdp; nanolab.fsdp.shard_model,
+    bf16 parameters with fp32 reduction when the run is bf16 on CUDA, unless mixed_precision says otherwise),
     DDP-wrapped (world size > 1), or the model itself (one process). Call it after the model is on env.device
     (and after apply_lora, before building the optimizer when sharding: the optimizer must see the sharded
     parameters). fsdp shards the module in place, so build the optimizer after it and torch.compile the sharded
@@ -306,6 +307,8 @@ def wrap_model(model: torch.nn.Module, env: Env, fsdp: bool = False, cpu_offload
     if fsdp and env.ddp:
         from .fsdp import shard_model
 
+        if mixed_precision is None:  # bf16 parameters only for a bf16 run: --dtype float32 stays float32
+            mixed_precision = env.device.type == "cuda" and env.dtype == "bfloat16"
         return shard_model(model, env.device, mixed_precision, cpu_offload)
     if env.ddp:
         return torch.nn.parallel.DistributedDataParallel(

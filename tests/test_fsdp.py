@@ -211,6 +211,21 @@ def test_fsdp_composes_with_gradient_checkpointing(data_dir, tmp_path):
     assert_close_runs(recompute, plain, 1e-6)
 
 
+def test_fsdp_mixed_precision_follows_the_run_dtype(monkeypatch):
+    """run.wrap_model gives FSDP2 bf16 parameters only to a bf16 run on CUDA: --dtype float32 stays float32."""
+    import contextlib
+
+    from nanolab import fsdp as fsdp_mod
+    from nanolab import run
+
+    seen = []
+    monkeypatch.setattr(fsdp_mod, "shard_model", lambda model, device, mp, offload: seen.append(mp) or model)
+    for device, dtype, want in (("cuda", "bfloat16", True), ("cuda", "float32", False), ("cpu", "float32", False)):
+        env = run.Env(0, 0, 2, torch.device(device), dtype, contextlib.nullcontext())
+        run.wrap_model(torch.nn.Linear(2, 2), env, fsdp=True)
+        assert seen[-1] is want, (device, dtype)
+
+
 def test_resume_batch_follows_world_size(train):
     saved = {"path": "x", "world_size": 2, "meaning": {"batch_size": 4}}
     args = argparse.Namespace(batch_size=12, flags_given=[])
