@@ -34,15 +34,16 @@ of |S| = k masked positions the weight B(k, T - k + 1) = 1 / (k C(T, k)), so
 
 with S a uniformly random k-subset (the any-order autoregressive form). Its weight is at most T (the time
 estimator's w(t) reaches 1/eps) and the number of masks is not random given k: a lower-variance loss and bound.
---antithetic stratifies k over the batch. Validation reports the NELBO in bits per token (per character
-with --dataset char) on fixed val windows, --eval_t_draws t draws per window from a fixed seed, with the standard
-error over windows; bert reports the masked-token accuracy and loss at the training rate.
+--antithetic stratifies k over the batch.
 
-Sampling (--sample at each eval, either objective; sample_mdlm): start from masks (after a prompt), --steps K iterations; iteration k
-of K moves from t_k = 1 - k/K to t_(k+1) and unmasks round(L (1 - alpha_(t_k))) - round(L (1 - alpha_(t_(k+1))))
-positions, chosen by --remask low_confidence (highest probability of the drawn token) or random. --block_len: the
-positions are filled block by block, left to right (semi-autoregressive), the K steps split over the blocks. Tokens
-are drawn by Gumbel-max in float64 after temperature / top-k / top-p; temperature 0 is argmax. --steps 1 is one-shot.
+Validation reports the NELBO in bits per token (per character with --dataset char) on fixed val windows,
+--eval_t_draws draws per window from a fixed seed, with the standard error over windows; bert reports the
+masked-token accuracy and loss at the training rate.
+
+Sampling (--sample at each eval, either objective): nanolab.masked_diffusion.sample_mdlm, the reverse process from
+all masks after a newline, --steps K iterations unmasking the schedule's share of positions each, chosen by --remask
+low_confidence or random, optionally in --block_len blocks, with --temperature / --top_k / --top_p (--steps 1 is
+the one-shot sampler).
 """
 
 from __future__ import annotations
@@ -51,17 +52,15 @@ import argparse
 import math
 import sys
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from nanolab import dist, fsdp, run
 from nanolab.data import BatchIterator, load_tokens
-from nanolab.models import FAMILIES, CausalLM
+from nanolab.masked_diffusion import SCHEDULES, real_logits, sample_mdlm, schedule
+from nanolab.models import FAMILIES
 from nanolab.optim import build_adamw, clip_and_step, lr_at, set_lr
-
-SCHEDULES = ("loglinear", "cosine")
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,11 +96,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--text_file", default=None, help="train on this UTF-8 text instead of tiny Shakespeare (split 90/10)")
     a("--batch_size", type=int, default=12, help="sequences per micro-batch per rank")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step, per rank")
-    run.add_model_args(p, FAMILIES, init_from_help="'scratch' or a denoise.py checkpoint/run folder")
+    run.add_model_args(p, FAMILIES, init_from_help="'scratch' or a denoise.py checkpoint/run folder",
+                       gradient_checkpointing=True)
     run.add_parallel_args(p)
-    p.add_argument_group("model").add_argument(
-        "--gradient_checkpointing", action="store_true",
-        help="recompute each block's activations in the backward (less memory, ~1/3 more compute)")
     run.add_optim_args(p, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, weight_decay=0.1)
     a = p.add_argument_group("optimizer").add_argument
     a("--max_iters", type=int, default=2000, help="optimizer steps in total")
@@ -140,37 +137,22 @@ def replace_split(text: str) -> tuple[int, int, int] | None:
     return parts if len(parts) == 3 and min(parts) >= 0 and sum(parts) == 100 else None  # type: ignore[return-value]
 
 
-def schedule(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask probability 1 - alpha_t, ELBO weight -alpha'_t / (1 - alpha_t)) for t of any shape (see the docstring)."""
-    if name == "loglinear":
-        return t, 1 / t
-    if name == "cosine":
-        c, s = torch.cos(math.pi / 2 * t), torch.sin(math.pi / 2 * t)
-        return 1 - c, (math.pi / 2) * s / (1 - c)
-    raise ValueError(f"unknown schedule {name!r}; known: {', '.join(SCHEDULES)}")
+def _uniform(batch: int, antithetic: bool, device, generator: torch.Generator | None) -> torch.Tensor:
+    """(batch,) on U(0, 1); antithetic: row b uniform on its stratum [b, b+1)/batch."""
+    u = torch.rand(batch, device=device, generator=generator)
+    return (torch.arange(batch, device=device) + u) / batch if antithetic else u
 
 
 def sample_t(batch: int, eps: float, antithetic: bool, device, generator: torch.Generator | None = None
              ) -> torch.Tensor:
-    """(batch,) diffusion times on U(eps, 1); antithetic: row b uniform on its stratum [b, b+1)/batch of U(eps, 1)."""
-    u = torch.rand(batch, device=device, generator=generator)
-    if antithetic:
-        u = (torch.arange(batch, device=device) + u) / batch
-    return eps + (1 - eps) * u
+    """(batch,) diffusion times on U(eps, 1), stratified over the batch when antithetic."""
+    return eps + (1 - eps) * _uniform(batch, antithetic, device, generator)
 
 
 def sample_k(batch: int, length: int, antithetic: bool, device, generator: torch.Generator | None = None
              ) -> torch.Tensor:
-    """(batch,) numbers of masks on U{1..length}; antithetic: row b uniform on its stratum of the batch."""
-    u = torch.rand(batch, device=device, generator=generator)
-    if antithetic:
-        u = (torch.arange(batch, device=device) + u) / batch
-    return (u * length).long().clamp_max(length - 1) + 1
-
-
-def real_logits(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """float32 logits with the mask token's set to -inf: the model predicts real tokens only."""
-    return logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), -math.inf)
+    """(batch,) numbers of masks on U{1..length}, stratified over the batch when antithetic."""
+    return (_uniform(batch, antithetic, device, generator) * length).long().clamp_max(length - 1) + 1
 
 
 def mdlm_terms(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, mask_id: int, sched: str = "loglinear",
@@ -228,125 +210,14 @@ def bert_loss(model: torch.nn.Module, x: torch.Tensor, args: argparse.Namespace,
     return ce, hit.sum(), sel.sum()
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def _draw(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token, its probability under the filtered distribution) per row of logits (..., V), in float64:
-    Gumbel-max, argmax(logits / temperature + g), g = -log(-log u); temperature 0 is the plain argmax."""
-    logits = logits.double()
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, logits.softmax(-1).gather(-1, tok[..., None])[..., 0]
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p is not None:
-        probs, order = logits.softmax(-1).sort(-1, descending=True)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
-    tok = (logits - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
-    return tok, logits.softmax(-1).gather(-1, tok[..., None])[..., 0]
-
-
-def _forward(model: CausalLM, x: torch.Tensor, autocast, graphs: dict | None):
-    """(input buffer, fn): fn() returns model(buffer)[0], the (n, length, V + 1) logits for the buffer's current
-    contents. On CUDA the forward is captured once as a CUDA graph (kept in `graphs`, keyed by the model and the
-    shape, when the caller passes a dict) and replayed: one launch per step instead of one per kernel, which at
-    this model size is most of the time. The buffer is then the graph's static input; the returned logits are
-    overwritten by the next call. Elsewhere, or when capture fails, the plain eager forward on x."""
-    def eager():
-        with autocast or torch.autocast(x.device.type, enabled=False):
-            return model(x)[0]
-
-    if x.device.type != "cuda" or graphs is None:
-        return x, eager
-    amp = (autocast.fast_dtype, autocast._enabled) if isinstance(autocast, torch.autocast) else None
-    key = (id(model), model.lm_head.weight.data_ptr(), tuple(x.shape), amp)
-    if key not in graphs:
-        # autocast's weight-cast cache must be off while capturing: a cached cast would be baked into the graph
-        # as a pointer to a tensor freed when the autocast region ends (and stale after an optimizer step)
-        ctx = (torch.autocast("cuda", dtype=autocast.fast_dtype, enabled=autocast._enabled, cache_enabled=False)
-               if amp else torch.autocast("cuda", enabled=False))
-        static = x.clone()
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with ctx, torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture asks
-                for _ in range(2):
-                    model(static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with ctx, torch.cuda.graph(graph):
-                out = model(static)[0]
-        except Exception as e:  # an op that cannot be captured: stay correct, run eagerly
-            warnings.warn(f"CUDA graph capture of the denoiser's forward failed ({e!r}); sampling eagerly",
-                          stacklevel=3)
-            return x, eager
-        graphs[key] = (graph, static, out)
-    graph, static, out = graphs[key]
-    static.copy_(x)
-
-    def replay():
-        graph.replay()
-        return out
-
-    return static, replay
-
-
-@torch.no_grad()
-def sample_mdlm(model: CausalLM, n: int, length: int, mask_id: int, steps: int, prompt: list[int] | None = None,
-                remask: str = "low_confidence", block_len: int | None = None, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None, sched: str = "loglinear", seed: int = 0,
-                autocast=None, graphs: dict | None = None) -> torch.Tensor:
-    """n sequences (n, length) of real tokens: the prompt, then positions filled from masks by the reverse process
-    (see the module docstring). Never changes a token once unmasked. On CUDA, pass a dict as `graphs` to run the
-    forward as a CUDA graph captured on the first call and reused by later calls of the same shape (same samples
-    as eager: the same kernels on the same inputs)."""
-    device = model.lm_head.weight.device
-    gen = torch.Generator(device).manual_seed(seed)
-    prompt = list(prompt or [])
-    L = length - len(prompt)
-    bl = block_len or L
-    blocks = [(s, min(s + bl, length)) for s in range(len(prompt), length, bl)]
-    if steps < len(blocks):
-        raise ValueError(f"{steps} steps cannot fill {len(blocks)} blocks (at least one step per block)")
-    x = torch.full((n, length), mask_id, dtype=torch.long, device=device)
-    x[:, :len(prompt)] = torch.tensor(prompt, dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
-    x, forward = _forward(model, x, autocast, graphs)
-    for b, (lo, hi) in enumerate(blocks):
-        k_steps = steps // len(blocks) + (b < steps % len(blocks))
-        ts = torch.linspace(1, 0, k_steps + 1, dtype=torch.float64)
-        masked_left = (schedule(sched, ts)[0] * (hi - lo)).round().long().tolist()  # masks after each step
-        masked_left[0], masked_left[-1] = hi - lo, 0
-        for k in range(k_steps):
-            count = masked_left[k] - masked_left[k + 1]
-            if count == 0:
-                continue
-            logits = forward()[:, lo:hi]
-            tok, conf = _draw(real_logits(logits, mask_id), temperature, top_k, top_p, gen)
-            score = conf if remask == "low_confidence" else torch.rand(conf.shape, dtype=torch.float64,
-                                                                        device=device, generator=gen)
-            still = x[:, lo:hi] == mask_id
-            chosen = score.masked_fill(~still, -math.inf).topk(count, dim=-1).indices
-            x[:, lo:hi].scatter_(1, chosen, tok.gather(1, chosen))
-    model.train(was_training)
-    return x.clone()
-
-
 # ----------------------------------------------------------------------------- the run
 
 
 def train(args) -> int:
     env = run.setup(args.device, args.dtype, args.deterministic, args.dist_timeout)
     device, autocast = env.device, env.autocast
-    meaning = {k: getattr(args, k) for k in ("objective", "schedule", "eps", "antithetic", "estimator", "bert_rate", "bert_replace",
-                                             "loss_on", "dataset", "text_file", "batch_size",
+    meaning = {k: getattr(args, k) for k in ("objective", "schedule", "eps", "antithetic", "estimator", "bert_rate",
+                                             "bert_replace", "loss_on", "dataset", "text_file", "batch_size",
                                              "gradient_accumulation_steps", "block_size", "model", "preset",
                                              "n_layer", "n_head", "n_embd")}
     rd = run.open_run(args.out_dir, env, "denoise", args.resume, meaning, args)
@@ -469,10 +340,7 @@ def train(args) -> int:
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.detach().float()
             bad.add_((~torch.isfinite(step_loss)).float())
-            # FSDP: the parameters are DTensors and clip_grad_norm_ takes the total norm over every shard
-            norm = clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, None if args.fsdp else bad)
-            if args.fsdp and norm is not None:
-                bad.add_((~torch.isfinite(fsdp.local_norm(norm))).float())
+            clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, bad)  # FSDP: the norm over all shards
             step += 1
             meter.tick()
             tracker.update(1)

@@ -16,6 +16,7 @@ from helpers import load_script
 from safetensors.torch import load_file
 
 from nanolab.data import split_train_val
+from nanolab.masked_diffusion import SCHEDULES, real_logits, sample_mdlm, schedule
 from nanolab.models import build_model, config_from_dict, preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +62,8 @@ def test_noncausal_config_round_trip_cache_and_export_errors(tmp_path):
 
 def test_schedule_weight_is_minus_alpha_prime_over_one_minus_alpha(dn):
     t = torch.tensor([0.01, 0.3, 0.7, 0.99], dtype=torch.float64, requires_grad=True)
-    for name in dn.SCHEDULES:
-        p_mask, w = dn.schedule(name, t)
+    for name in SCHEDULES:
+        p_mask, w = schedule(name, t)
         (dalpha,) = torch.autograd.grad((1 - p_mask).sum(), t)
         torch.testing.assert_close(w, -dalpha / p_mask, rtol=1e-12, atol=0)
 
@@ -130,7 +131,7 @@ def test_nelbo_of_uniform_model_is_seq_len_log2_v(dn):
         se = bits.std() / math.sqrt(n)
         assert abs(bits.mean() - math.log2(V)) < 4 * se, (bits.mean(), se)
     # masks at rate t: the mask token is never a target, and its probability is exactly 0
-    logits = dn.real_logits(torch.randn(5, V + 1, requires_grad=True), V)
+    logits = real_logits(torch.randn(5, V + 1, requires_grad=True), V)
     assert (logits.softmax(-1)[:, V] == 0).all()
 
 
@@ -182,7 +183,7 @@ def test_monte_carlo_nelbo_converges_to_exact_enumeration(dn):
     assert dropped == pytest.approx(eps * single.sum().item(), rel=5 * eps * L)
     for sched, eps, antithetic in [("loglinear", 1e-3, False), ("loglinear", 1e-3, True), ("cosine", 1e-3, False),
                                    ("cosine", 1e-3, True), ("loglinear", 0.5, False)]:
-        a = dn.schedule(sched, torch.tensor(eps, dtype=torch.float64))[0].item()
+        a = schedule(sched, torch.tensor(eps, dtype=torch.float64))[0].item()
         exact = (subset_weights(L, a)[k] * C).sum().item() / (1 - eps)
         with torch.no_grad():
             t = dn.sample_t(n, eps, antithetic, "cpu", g)
@@ -275,18 +276,18 @@ def test_sampler_fills_masks_and_one_step_is_argmax(dn):
     prompt = [3, 1, 4]
     for remask in ("low_confidence", "random"):
         for block_len in (None, 5):
-            out = dn.sample_mdlm(m, 3, 16, V, 6, prompt, remask, block_len, temperature=1.0, top_k=5, top_p=0.9)
+            out = sample_mdlm(m, 3, 16, V, 6, prompt, remask, block_len, temperature=1.0, top_k=5, top_p=0.9)
             assert out.shape == (3, 16) and (out < V).all() and (out[:, :3] == torch.tensor(prompt)).all()
-            again = dn.sample_mdlm(m, 3, 16, V, 6, prompt, remask, block_len, temperature=1.0, top_k=5, top_p=0.9)
+            again = sample_mdlm(m, 3, 16, V, 6, prompt, remask, block_len, temperature=1.0, top_k=5, top_p=0.9)
             assert torch.equal(out, again)  # seeded
-    one = dn.sample_mdlm(m, 2, 16, V, 1, prompt, temperature=0.0)
+    one = sample_mdlm(m, 2, 16, V, 1, prompt, temperature=0.0)
     z = torch.full((1, 16), V)
     z[0, :3] = torch.tensor(prompt)
     with torch.no_grad():
         logits = m(z)[0][0, 3:, :V]
     assert torch.equal(one[0, 3:], logits.argmax(-1)) and torch.equal(one[1], one[0])
     with pytest.raises(ValueError, match="blocks"):
-        dn.sample_mdlm(m, 1, 16, V, 2, prompt, block_len=4)
+        sample_mdlm(m, 1, 16, V, 2, prompt, block_len=4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -299,8 +300,8 @@ def test_sampler_cuda_graph_gives_the_eager_samples(dn):
         graphs: dict = {}
         for seed in (0, 1):
             kw = dict(temperature=1.0, seed=seed, autocast=autocast)
-            eager = dn.sample_mdlm(m, 4, 16, V, 8, [3, 1], "random", **kw)
-            graphed = dn.sample_mdlm(m, 4, 16, V, 8, [3, 1], "random", graphs=graphs, **kw)
+            eager = sample_mdlm(m, 4, 16, V, 8, [3, 1], "random", **kw)
+            graphed = sample_mdlm(m, 4, 16, V, 8, [3, 1], "random", graphs=graphs, **kw)
             assert len(graphs) == 1 and torch.equal(eager, graphed), (autocast, seed)
 
 
@@ -336,7 +337,7 @@ def test_sampler_carries_unmasked_tokens_and_follows_the_schedule(dn):
             ("cosine", 17, None, 0.0, "low_confidence"), ("loglinear", 5, 6, 0.0, "low_confidence"),
             ("cosine", 5, 6, 1.0, "random")]:
         rec = Recorder(m)
-        out = dn.sample_mdlm(rec, n, 16, V, steps, prompt, remask, block_len, temperature, sched=sched)
+        out = sample_mdlm(rec, n, 16, V, steps, prompt, remask, block_len, temperature, sched=sched)
         blocks = [(lo, min(lo + (block_len or 13), 16)) for lo in range(3, 16, block_len or 13)]
         expected = [(lo, hi, c) for b, (lo, hi) in enumerate(blocks)
                     for c in unmask_counts(hi - lo, steps // len(blocks) + (b < steps % len(blocks)), sched) if c]
@@ -365,7 +366,7 @@ def test_one_token_per_step_at_temperature_0_is_deterministic_greedy(dn):
     no random draw matters (any seed, any row gives the same), and the result is the greedy most-confident-first
     decoding."""
     m, V, prompt = tiny(False, vocab=11), 10, [3, 1, 4]
-    outs = [dn.sample_mdlm(m, 2, 16, V, 13, prompt, temperature=0.0, seed=s) for s in (0, 1)]
+    outs = [sample_mdlm(m, 2, 16, V, 13, prompt, temperature=0.0, seed=s) for s in (0, 1)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0][0], outs[0][1])
     z = torch.full((1, 16), V)
     z[0, :3] = torch.tensor(prompt)

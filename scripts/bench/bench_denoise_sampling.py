@@ -1,4 +1,4 @@
-"""Sampling speed of a masked-diffusion model (scripts/denoise.py's sample_mdlm) against the AR sampler.
+"""Sampling speed of a masked-diffusion model (nanolab.masked_diffusion.sample_mdlm) against the AR sampler.
 
 Same model size (default gpt2-char-tiny: 4 layers x 128, context 64; --block_size changes the context): the causal
 model decodes with the KV cache (one nanolab.sampler.Engine kept across calls, one token per step, CUDA graphs on
@@ -17,25 +17,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from nanolab.masked_diffusion import sample_mdlm
 from nanolab.models import build_model, preset
 from nanolab.sampler import Engine
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_denoise():
-    spec = importlib.util.spec_from_file_location("nanolab_denoise_script", REPO / "scripts" / "denoise.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def timed(fn, reps: int, device: torch.device) -> float:
@@ -63,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--block_size", type=int, default=None, help="context: block_size - 1 new chars (default: preset's)")
     args = p.parse_args(argv)
-    dn = load_denoise()
     device = torch.device(args.device)
     over = {"block_size": args.block_size} if args.block_size else {}
     torch.manual_seed(0)
@@ -84,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     graphs: dict = {}  # the denoiser's captured forward, reused across calls as the Engine reuses its graphs
 
     def run_mdlm(n: int, k: int) -> None:
-        dn.sample_mdlm(mdlm, n, L, args.vocab, k, [0], temperature=1.0, seed=0, autocast=autocast(), graphs=graphs)
+        sample_mdlm(mdlm, n, L, args.vocab, k, [0], temperature=1.0, seed=0, autocast=autocast(), graphs=graphs)
 
     for n in args.batch:
         new = n * (L - 1)
