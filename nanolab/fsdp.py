@@ -102,10 +102,10 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
 
 def local_norm(norm: torch.Tensor | None) -> torch.Tensor | None:
     """clip_grad_norm_ over DTensor gradients returns a replicated DTensor (the total norm over every shard);
-    its local value, a plain tensor, for plain arithmetic."""
-    from torch.distributed.tensor import DTensor
-
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    its local value, a plain tensor, for plain arithmetic. A plain tensor (or None) comes back as it is; no
+    import, so it costs nothing in every update (nanolab.optim.clip_and_step calls it)."""
+    full_tensor = getattr(norm, "full_tensor", None)  # only DTensors have it
+    return full_tensor() if full_tensor is not None else norm
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .fsdp import local_norm
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: weight decay on the weight matrices of nn.Linear, none on everything else (norm
@@ -67,10 +69,11 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params, grad_clip: float,
     """The end of every update: clip the global gradient norm to grad_clip (0: no clipping), step, set the
     gradients to None. A non-finite norm adds 1 to `bad` (a device tensor: no host sync here; the caller checks
     it when it logs). No host sync at all, so it can run inside a captured CUDA graph. Returns the gradient norm
-    before clipping (a device tensor), or None without clipping."""
+    before clipping (a plain device tensor, also for FSDP2's sharded parameters: the total over every shard), or
+    None without clipping."""
     norm = None
     if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = local_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         if bad is not None:
             bad.add_((~torch.isfinite(norm)).float())
     optimizer.step()

@@ -71,8 +71,10 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
 
 
 def add_model_args(p: argparse.ArgumentParser, families: Iterable[str], default_model: str = "gpt2",
-                   init_from_help: str = "'scratch', a nanolab checkpoint/run folder, or a Hugging Face folder") -> None:
-    """The flags that choose the starting model: --init_from, --model, --preset, dims, --dropout."""
+                   init_from_help: str = "'scratch', a nanolab checkpoint/run folder, or a Hugging Face folder",
+                   gradient_checkpointing: bool = False) -> None:
+    """The flags that choose the starting model: --init_from, --model, --preset, dims, --dropout, and
+    --gradient_checkpointing for a script that sets model.gradient_checkpointing from it."""
     a = p.add_argument_group("model").add_argument
     a("--init_from", default="scratch", help=f"{init_from_help} (default: scratch)")
     a("--model", choices=sorted(families), default=default_model, help=f"model family (default: {default_model})")
@@ -82,6 +84,9 @@ def add_model_args(p: argparse.ArgumentParser, families: Iterable[str], default_
     a("--n_embd", type=int, default=None, help="override the preset's width")
     a("--block_size", type=int, default=None, help="context length (default: the preset's)")
     a("--dropout", type=float, default=0.0, help="dropout probability (default: 0)")
+    if gradient_checkpointing:
+        a("--gradient_checkpointing", action="store_true",
+          help="recompute each block's activations in the backward (less memory, one more forward per block)")
 
 
 def add_optim_args(p: argparse.ArgumentParser, *, learning_rate: float, min_lr: float | None, warmup_iters: int,
@@ -147,8 +152,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("parallelism (under torchrun)").add_argument
     a("--fsdp", action="store_true",
       help="shard parameters, gradients and optimizer state over the ranks (FSDP2: per block, then the root; bf16 "
-           "parameters with fp32 reduction in a bf16 run on CUDA) and write sharded checkpoints (torch.distributed.checkpoint) "
-           "that resume on any number of ranks; default: DDP and single-file checkpoints")
+           "parameters with fp32 reduction in a bf16 run on CUDA) and write sharded checkpoints "
+           "(torch.distributed.checkpoint) that resume on any number of ranks; default: DDP and single-file "
+           "checkpoints")
     a("--cpu_offload", action="store_true", help="with --fsdp: keep parameters, gradients and optimizer state on "
                                                   "the CPU between uses (the optimizer step runs on the CPU)")
     a("--dist_timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,

@@ -83,12 +83,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--packing", action="store_true", help="pack examples into rows of max_length (same-example attention)")
     a("--batch_size", type=int, default=8, help="examples per micro-batch per rank (default: 8)")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step, per rank")
-    run.add_model_args(p, FAMILIES)
+    run.add_model_args(p, FAMILIES, gradient_checkpointing=True)
     run.add_parallel_args(p)
     a = p.add_argument_group("model").add_argument
     a("--tokenizer", default=None, help="with --init_from scratch: 'char' (the characters of the data), 'gpt2', "
       "or a tokenizer file / Hugging Face folder")
-    a("--gradient_checkpointing", action="store_true", help="recompute activations in the backward (less memory)")
     a = p.add_argument_group("LoRA").add_argument
     a("--lora_r", type=int, default=0, help="LoRA rank; 0: full fine-tuning (default: 0)")
     a("--lora_alpha", type=float, default=16.0, help="LoRA scale alpha (update = alpha / r B A; default: 16)")
@@ -319,10 +318,7 @@ def sft(args) -> int:
                 (s * (world / n_tokens)).backward()  # DDP averages over ranks: * world makes it the global sum
                 step_sum += s.detach()
             bad.add_((~torch.isfinite(step_sum)).float())
-            # FSDP: clip_grad_norm_ over DTensor shards gives the total norm (a DTensor: fsdp.local_norm reads it)
-            norm = fsdp.local_norm(clip_and_step(optimizer, params, args.grad_clip, None if sharded else bad))
-            if sharded and norm is not None:
-                bad.add_((~torch.isfinite(norm)).float())
+            norm = clip_and_step(optimizer, params, args.grad_clip, bad)  # FSDP: the norm over all shards
             loss_sum += step_sum
             log_tokens += n_tokens
             log_inputs += train.positions(idx)

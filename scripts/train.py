@@ -57,14 +57,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                                         "its own characters form the vocabulary)")
     a("--batch_size", type=int, default=12, help="sequences per micro-batch per rank")
     a("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step, per rank")
-    run.add_model_args(p, FAMILIES)
+    run.add_model_args(p, FAMILIES, gradient_checkpointing=True)
     a = p.add_argument_group("model").add_argument
     a("--vocab_size", type=int, default=None,
       help="model vocabulary (default: the tokenizer's; e.g. 50304 pads GPT-2's 50257 to a multiple of 64)")
     a("--bias", choices=["true", "false"], default=None,
       help="GPT-2 only: biases in Linear and LayerNorm (default: the preset's, true; nanoGPT's default is false)")
-    a("--gradient_checkpointing", action="store_true",
-      help="recompute each block's activations in the backward (less memory, ~1/3 more compute)")
     a("--activation", choices=["gelu_tanh", "gelu"], default=None,
       help="GPT-2 only: GELU's tanh approximation (GPT-2 as published, the default) or the exact erf GELU "
            "(nanoGPT's; its forward + backward ~2.3x faster on a CPU)")
@@ -222,10 +220,7 @@ def train(args) -> int:
                 (loss / args.gradient_accumulation_steps).backward()
                 step_loss += loss.detach().float()
             bad.add_((~torch.isfinite(step_loss)).float())
-            # FSDP: the parameters are DTensors and clip_grad_norm_ takes the total norm over every shard
-            norm = clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, None if args.fsdp else bad)
-            if args.fsdp and norm is not None:
-                bad.add_((~torch.isfinite(fsdp.local_norm(norm))).float())
+            clip_and_step(optimizer, raw_model.parameters(), args.grad_clip, bad)  # FSDP: the norm over all shards
             step += 1
             meter.tick()
             tracker.update(1)
