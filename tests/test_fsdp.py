@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import checkpoint_weights, reversal_rows
 from safetensors.torch import load_file
 
-from nanolab.checkpoint import load_checkpoint, read_state
+from nanolab.checkpoint import read_state
 from nanolab.errors import UsageError
 from nanolab.models import build_model, preset
 
@@ -62,20 +63,12 @@ def losses(run_dir):
     return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
 
 
-def weights(run_dir) -> dict[str, torch.Tensor]:
-    """The latest checkpoint's weights, single-file or sharded (load_checkpoint reads both)."""
-    state = read_state(run_dir)
-    model = build_model(state["model_config"])
-    load_checkpoint(state["path"], model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def assert_close_runs(a, b, atol):
     for (s1, l1, v1), (s2, l2, v2) in zip(losses(a), losses(b), strict=True):
         assert s1 == s2
         assert (l1 is None) == (l2 is None) and (l1 is None or abs(l1 - l2) <= atol), (s1, l1, l2)
         assert (v1 is None) == (v2 is None) and (v1 is None or abs(v1 - v2) <= atol), (s1, v1, v2)
-    wa, wb = weights(a), weights(b)
+    wa, wb = checkpoint_weights(a), checkpoint_weights(b)
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
@@ -123,7 +116,7 @@ def test_fsdp_matches_one_process_resumes_on_2_and_1_ranks_and_converts(train, d
     conv = load_script(CONVERT, "nanolab_convert_script")
     assert conv.main([str(fsdp), str(tmp_path / "conv"), "--optimizer"]) == 0
     got = load_file(str(tmp_path / "conv" / "step000006" / "model.safetensors"))
-    ref = weights(fsdp)
+    ref = checkpoint_weights(fsdp)
     for name, t in got.items():
         assert torch.equal(t, ref[name]), name
     assert {p.name for p in (tmp_path / "conv" / "step000006").iterdir()} == {
@@ -148,7 +141,7 @@ def test_denoise_fsdp_matches_ddp_and_resumes_sharded(data_dir, tmp_path):
     for a, b in zip(*rows):
         for key in ("loss", "val_nelbo_bits_per_char"):
             assert (key in a) == (key in b) and abs(a.get(key, 0) - b.get(key, 0)) <= 1e-5, (key, a, b)
-    wa, wb = weights(sharded), weights(ddp)
+    wa, wb = checkpoint_weights(sharded), checkpoint_weights(ddp)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0, msg=name)
     back_to_step3(sharded, two)
@@ -157,7 +150,7 @@ def test_denoise_fsdp_matches_ddp_and_resumes_sharded(data_dir, tmp_path):
     again = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == [r["step"] for r in rows[0]]
     assert all(abs(a.get("loss", 0) - b.get("loss", 0)) <= 1e-6 for a, b in zip(again, rows[0]))
-    for name, t in weights(two).items():
+    for name, t in checkpoint_weights(two).items():
         torch.testing.assert_close(t, wa[name], atol=1e-6, rtol=0, msg=name)
 
 
@@ -166,11 +159,7 @@ def test_sft_fsdp_matches_one_process(data_dir, tmp_path, monkeypatch):
     (the loss is normalised by the step's response tokens, so the split does not matter): losses, val losses and
     the final weights; 9 validation examples leave one rank without a last batch (it must still take part in
     every sharded forward)."""
-    import random
-
-    r = random.Random(0)
-    words = ["".join(r.choice("abcdefgh") for _ in range(r.randint(2, 10))) for _ in range(60)]
-    rows = [json.dumps({"prompt": w + "=", "response": w[::-1] + "."}) + "\n" for w in words]
+    rows = [json.dumps(r) + "\n" for r in reversal_rows(60)]
     (tmp_path / "train.jsonl").write_text("".join(rows[:51]))
     (tmp_path / "val.jsonl").write_text("".join(rows[51:]))
     flags = ["--data", str(tmp_path / "train.jsonl"), "--val_data", str(tmp_path / "val.jsonl"), "--init_from",
@@ -192,7 +181,7 @@ def test_sft_fsdp_matches_one_process(data_dir, tmp_path, monkeypatch):
     for a, b in zip(*rows_):
         for key in ("loss", "val_loss", "grad_norm"):
             assert (key in a) == (key in b) and abs(a.get(key, 0) - b.get(key, 0)) <= 1e-5, (key, a, b)
-    wa, wb = weights(sharded), weights(single)
+    wa, wb = checkpoint_weights(sharded), checkpoint_weights(single)
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0, msg=name)
     with pytest.raises(SystemExit) as e:  # LoRA's adapter-only and merged checkpoints are single files

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import checkpoint_weights
 from safetensors.torch import load_file
 
 from nanolab.graphs import GraphedStep
@@ -215,7 +216,7 @@ def test_fsdp_equals_ddp_on_two_gpus_with_nccl(data_dir, tmp_path):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         rows[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        weights[name] = _any_weights(out)
+        weights[name] = checkpoint_weights(out)
     assert (tmp_path / "fsdp" / "step000006" / ".metadata").is_file()  # sharded, as FSDP writes
     assert [r["step"] for r in rows["fsdp"]] == [r["step"] for r in rows["ddp"]]
     for a, b in zip(rows["fsdp"], rows["ddp"]):
@@ -223,13 +224,3 @@ def test_fsdp_equals_ddp_on_two_gpus_with_nccl(data_dir, tmp_path):
             assert (key in a) == (key in b) and abs(a.get(key, 0) - b.get(key, 0)) <= 1e-5, (key, a, b)
     for k, t in weights["ddp"].items():
         torch.testing.assert_close(weights["fsdp"][k], t, atol=1e-5, rtol=0, msg=k)
-
-
-def _any_weights(run_dir):
-    """The latest checkpoint's weights, single-file or sharded (load_checkpoint reads both)."""
-    from nanolab.checkpoint import load_checkpoint, read_state
-
-    state = read_state(run_dir)
-    model = build_model(state["model_config"])
-    load_checkpoint(state["path"], model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}

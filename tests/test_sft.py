@@ -3,7 +3,6 @@ per-token gradient accumulation, packing == padding, learning end to end, exact 
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import sys
 import types
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script
+from helpers import load_script, reversal_rows
 from safetensors.torch import load_file
 
 from nanolab.chat import CHATML_TEMPLATE, apply_chat_template
@@ -42,16 +41,6 @@ def _single_threaded(one_thread):
     yield
 
 
-def _rows(n: int, seed: int = 0) -> list[dict]:
-    """Reverse a string: prompts and responses of 2..12 letters (+ '=' and '.'), so lengths differ widely."""
-    r = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        s = "".join(r.choice("abcdefgh") for _ in range(r.randint(2, 12)))
-        rows.append({"prompt": s + "=", "response": s[::-1] + "."})
-    return rows
-
-
 def _write(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -59,7 +48,7 @@ def _write(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return _write(tmp_path_factory.mktemp("sft") / "rev.jsonl", _rows(240))
+    return _write(tmp_path_factory.mktemp("sft") / "rev.jsonl", reversal_rows(240))
 
 
 TINY = ["--init_from", "scratch", "--preset", "gpt2-char-tiny", "--n_layer", "2", "--tokenizer", "char",
@@ -126,7 +115,7 @@ def test_chat_pieces_equal_whole_text_encoding_with_an_hf_tokenizer(tmp_path):
     bpe = tk.Tokenizer(tk.models.BPE())
     bpe.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = tk.decoders.ByteLevel()
-    text = [f"{r['prompt']} {r['response']} hello there, how are you?\n" for r in _rows(200)]
+    text = [f"{r['prompt']} {r['response']} hello there, how are you?\n" for r in reversal_rows(200)]
     bpe.train_from_iterator(text, tk.trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
@@ -148,7 +137,7 @@ def _tiny_model(vocab: int) -> torch.nn.Module:
 
 def test_packing_equals_padding_loss_and_gradients():
     tok = CharTokenizer("abcdefgh=.")
-    ex = tokenize_rows([{"where": "-", **r} for r in _rows(12, seed=3)], tok, max_length=64)
+    ex = tokenize_rows([{"where": "-", **r} for r in reversal_rows(12, seed=3)], tok, max_length=64)
     idx = list(range(len(ex)))
     packed, padded = pack_batch(ex, idx, capacity=64), pad_batch(ex, idx)
     assert packed.idx.shape[0] < len(idx) <= padded.idx.shape[0]  # several examples share a row
@@ -199,7 +188,7 @@ def test_gradient_accumulation_and_packing_invariance(tmp_path, data, monkeypatc
 
     # the step's examples have different lengths: per-token and per-example means differ
     tok = CharTokenizer(char_vocabulary(read_sft(data)))
-    ex = tokenize_rows([{"where": "-", **r} for r in _rows(8)], tok, 64)
+    ex = tokenize_rows([{"where": "-", **r} for r in reversal_rows(8)], tok, 64)
     model = _tiny_model(tok.vocab_size).requires_grad_(False)
     per_example = [summed_loss(model, pad_batch(ex, [i])) / ex.targets[i] for i in range(8)]
     per_token = summed_loss(model, pad_batch(ex, range(8))) / ex.count(range(8))
