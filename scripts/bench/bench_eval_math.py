@@ -1,9 +1,9 @@
 """Benchmark math evaluation: scripts/eval_math.py against transformers' generate() on the same model and prompts.
 
 Both sides get the same transformers folder (a random-weight model of --preset, default the Llama-3.2-1B shape with
-GPT-2's 50,257-token vocabulary, written by nanolab.hf.export_hf with GPT-2 tokenizer files, or --hf_dir), the same MATH500 problems in the r1_zero
-prompt, greedy decoding of up to --max_new_tokens tokens per problem stopping at "</answer>" or EOS, batches of
---batch_size problems taken longest prompt first, bf16 on CUDA. Each side runs as its own process:
+GPT-2's 50,257-token vocabulary, written by nanolab.hf.export_hf with GPT-2 tokenizer files, or --hf_dir), the same
+MATH500 problems in the r1_zero prompt, greedy decoding of up to --max_new_tokens tokens per problem stopping at
+"</answer>" or EOS, batches of --batch_size problems taken longest prompt first, bf16 on CUDA. Each side runs as its own process:
   nanolab       python scripts/eval_math.py --model DIR --dataset math500 --limit N ... (its summary.json gives the
                 generation time and the tokens generated; grading included in the process's wall time)
   transformers  AutoModelForCausalLM.generate(..., stop_strings=["</answer>"]) over the same batches, left-padded
@@ -64,8 +64,9 @@ print(json.dumps({"generated_tokens": generated, "generation_s": time.perf_count
 
 
 def export_random(work: Path, preset: str, seed: int, **overrides) -> Path:
-    """A random-weight transformers folder of the preset (vocabulary cut to GPT-2's 50,257) with GPT-2 tokenizer files (a GPT2TokenizerFast saved
-    from tiktoken's cached BPE files, so any architecture's folder loads it through AutoTokenizer)."""
+    """A random-weight transformers folder of the preset (vocabulary cut to GPT-2's 50,257) with GPT-2 tokenizer
+    files (a GPT2TokenizerFast saved from tiktoken's cached BPE files, so any architecture's folder loads it through
+    AutoTokenizer)."""
     from bench_dpo import GPT2_BPE_BASE, GPT2_BPE_FILES
     from tiktoken.load import read_file_cached
     from transformers import AutoTokenizer
