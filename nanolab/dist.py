@@ -12,6 +12,7 @@ rank 0 of 1 and the collectives are no-ops.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import NamedTuple
@@ -134,6 +135,7 @@ def cleanup(normal_exit: bool | None = None) -> None:
     if is_distributed():
         if normal_exit is None:
             normal_exit = sys.exc_info()[0] is None
+        gc.collect()  # DDP's reducer sits in reference cycles: free it (and its hold on the group) while all is alive
         if normal_exit:
             dist.barrier()
         dist.destroy_process_group()
